@@ -1,0 +1,65 @@
+"""The Hydra configs: composition, groups, overrides, comments on every key."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from vitrain.config import CONFIG_DIR, compose
+from vitrain.models import list_models
+
+GROUPS = ("model", "data", "optimizer", "scheduler", "trainer", "distill")
+
+
+def test_default_composes_to_the_offline_digits_job() -> None:
+    cfg = compose()
+    assert cfg.model.name == "vit_nano_patch4_16" and cfg.data.name == "digits"
+    assert (cfg.optimizer.name, cfg.scheduler.name, cfg.distill.name) == ("adamw", "cosine", "none")
+    assert cfg.seed == 0 and cfg.trainer.epochs > 0
+    assert set(GROUPS) <= set(cfg)
+
+
+def test_overrides_from_the_shell() -> None:
+    cfg = compose(["model=vit_small", "data=cifar10", "optimizer.lr=5e-4", "optimizer.backbone_lr=1e-5"])
+    assert (cfg.model.name, cfg.model.img_size) == ("vit_small_patch16_224", 224)
+    assert (cfg.data.name, cfg.optimizer.lr, cfg.optimizer.backbone_lr) == ("cifar10", 5e-4, 1e-5)
+
+
+def test_vit_is_base_16() -> None:
+    assert compose(["model=vit"]).model.name == "vit_base_patch16_224"
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")))
+def test_every_model_config_names_a_registered_model(option: str) -> None:
+    assert compose([f"model={option}"]).model.name in list_models()
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml")))
+def test_every_data_config_composes(option: str) -> None:
+    cfg = compose([f"data={option}", "data.root=/tmp/x"])
+    assert cfg.data.name == option and cfg.data.batch_size > 0
+
+
+def test_unknown_key_is_refused() -> None:
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose(["trainer.epoch=3"])  # typo of trainer.epochs
+
+
+def test_every_user_key_has_a_comment() -> None:
+    files = [p for g in GROUPS for p in (CONFIG_DIR / g).glob("*.yaml")] + [CONFIG_DIR / "train.yaml"]
+    missing = []
+    for path in files:
+        in_hydra = False
+        for line in path.read_text().splitlines():
+            if re.match(r"^hydra:", line):
+                in_hydra = True  # Hydra's own settings
+            elif re.match(r"^\S", line):
+                in_hydra = False
+            if in_hydra or not line.strip() or line.lstrip().startswith("#") or line.strip() == "defaults:":
+                continue
+            if " # " not in line:
+                missing.append(f"{path.relative_to(CONFIG_DIR)}: {line.strip()}")
+    assert not missing, missing

@@ -1,0 +1,168 @@
+"""The ViT: shapes of every variant, sizes equal to timm's, numerics of its parts, timm weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from vitrain.errors import ConfigError
+from vitrain.models import VisionTransformer, create_model, list_models
+from vitrain.models.layers import Attention, PatchEmbed
+
+VARIANTS = list_models("vit_*")
+IMAGENET_VARIANTS = [n for n in VARIANTS if n.endswith("_224")]
+# (embed_dim, depth, heads, patch) of the small-image variants, which timm does not have
+SMALL_IMAGE = {"vit_tiny_patch4_32": (192, 12, 3, 4, 32), "vit_small_patch4_32": (384, 12, 6, 4, 32),
+               "vit_nano_patch4_16": (64, 6, 4, 4, 16)}
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_registry_lists_the_paper_sizes() -> None:
+    assert {"vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224",
+            "vit_large_patch16_224", "vit_huge_patch14_224"} <= set(VARIANTS)
+    assert set(SMALL_IMAGE) <= set(VARIANTS)
+
+
+@pytest.mark.parametrize("name", IMAGENET_VARIANTS)
+def test_imagenet_variant_has_timms_parameter_shapes(name: str) -> None:
+    """Built on the meta device (no memory, no compute): same names and shapes as timm's model."""
+    with torch.device("meta"):
+        ours = create_model(name, num_classes=1000)
+        ref = timm.create_model(name, pretrained=False, num_classes=1000)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", list(SMALL_IMAGE))
+def test_small_image_variant_matches_timm_vit_of_same_size(name: str) -> None:
+    dim, depth, heads, patch, size = SMALL_IMAGE[name]
+    with torch.device("meta"):
+        ours = create_model(name, num_classes=10)
+        ref = timm.models.vision_transformer.VisionTransformer(
+            img_size=size, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, num_classes=10)
+    assert count(ours) == count(ref)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_variant_gives_logits_of_the_right_shape(name: str) -> None:
+    """Full width, heads and patch size at the variant's own resolution; two blocks keep it fast."""
+    model = create_model(name, num_classes=7, depth=2).eval()
+    size = model.patch_embed.img_size[0]
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, size, size))
+        features = model.forward_features(torch.randn(1, 3, size, size))
+    assert logits.shape == (2, 7)
+    assert torch.isfinite(logits).all()
+    assert features.shape == (1, model.patch_embed.num_patches + 1, model.embed_dim)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_variant_full_depth_forward(name: str) -> None:
+    model = create_model(name, num_classes=5).eval()
+    size = model.patch_embed.img_size[0]
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, size, size)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_timm_weights_give_identical_outputs(global_pool: str) -> None:
+    """timm's state dict loads strictly (same parameter names) and gives the same logits."""
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=10, global_pool=global_pool).eval()
+    ours = create_model("vit_tiny_patch16_224", img_size=64, num_classes=10, global_pool=global_pool).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_conv_patch_embedding_equals_reshape_and_linear() -> None:
+    """The strided conv is "flatten every p x p patch (channel-major) and apply one linear map"."""
+    torch.manual_seed(0)
+    p, C, D = 4, 3, 16
+    embed = PatchEmbed(img_size=(8, 12), patch_size=p, in_chans=C, embed_dim=D)
+    x = torch.randn(2, C, 8, 12)
+    B, H, W = 2, 8 // p, 12 // p
+    patches = x.reshape(B, C, H, p, W, p).permute(0, 2, 4, 1, 3, 5).reshape(B, H * W, C * p * p)
+    expected = patches @ embed.proj.weight.reshape(D, -1).T + embed.proj.bias
+    torch.testing.assert_close(embed(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_equals_the_textbook_formula() -> None:
+    """softmax(q k^T / sqrt(d)) v per head, heads concatenated, then the output projection."""
+    torch.manual_seed(0)
+    attn = Attention(dim=32, num_heads=4).eval()
+    x = torch.randn(2, 5, 32)
+    q, k, v = attn.qkv(x).chunk(3, dim=-1)
+
+    def heads(t: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, h, N, d)
+        return t.reshape(2, 5, 4, 8).transpose(1, 2)
+
+    weights = torch.softmax(heads(q) @ heads(k).transpose(-2, -1) / math.sqrt(8), dim=-1)
+    expected = attn.proj((weights @ heads(v)).transpose(1, 2).reshape(2, 5, 32))
+    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_are_pre_norm_residual() -> None:
+    """With the attention and MLP outputs zeroed, each block is the identity (pure residual path)."""
+    model = create_model("vit_nano_patch4_16", num_classes=3).eval()
+    block = model.blocks[0]
+    for layer in (block.attn.proj, block.mlp.fc2):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    x = torch.randn(2, 17, 64)
+    torch.testing.assert_close(block(x), x)
+
+
+def test_init_follows_timm() -> None:
+    torch.manual_seed(0)
+    model = create_model("vit_small_patch16_224", num_classes=10)
+    qkv = model.blocks[0].attn.qkv.weight
+    assert abs(qkv.std().item() - 0.02) < 0.002  # truncated normal, std 0.02 (truncation at +-2)
+    assert qkv.abs().max().item() <= 2.0
+    assert model.cls_token.abs().max().item() < 1e-4
+    assert torch.count_nonzero(model.head.bias) == 0
+
+
+def test_drop_path_is_random_in_training_and_off_in_eval() -> None:
+    torch.manual_seed(0)
+    model = create_model("vit_nano_patch4_16", num_classes=3, drop_path_rate=0.5)
+    x = torch.randn(4, 3, 16, 16)
+    model.train()
+    assert not torch.allclose(model(x), model(x))
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+
+
+def test_no_weight_decay_names_exist() -> None:
+    model = create_model("vit_nano_patch4_16")
+    assert model.no_weight_decay() <= dict(model.named_parameters()).keys()
+
+
+def test_reset_classifier_replaces_the_head() -> None:
+    model = create_model("vit_nano_patch4_16", num_classes=10)
+    model.reset_classifier(4)
+    assert model(torch.randn(1, 3, 16, 16)).shape == (1, 4)
+
+
+def test_image_size_not_divisible_by_patch_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="not divisible by the patch size 16; set model.img_size"):
+        create_model("vit_base_patch16_224", img_size=100)
+
+
+def test_unknown_model_suggests_close_names() -> None:
+    with pytest.raises(ConfigError, match="unknown model 'vit_smal_patch16_224'.*vit_small_patch16_224"):
+        create_model("vit_smal_patch16_224")
+
+
+def test_direct_construction_without_registry() -> None:
+    model = VisionTransformer(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=2)
+    assert model(torch.randn(1, 3, 8, 8)).shape == (1, 2)
+    assert F.softmax(model(torch.randn(1, 3, 8, 8)), -1).sum().item() == pytest.approx(1.0)

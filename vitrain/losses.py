@@ -1,0 +1,30 @@
+"""Training losses, all called as ``loss(inputs, outputs, labels)``.
+
+The inputs are passed so that a loss can run a teacher on them (see :mod:`vitrain.distill`); one
+training loop then serves plain fine-tuning and distillation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ClassificationLoss(nn.Module):
+    """Cross-entropy with optional label smoothing.
+
+    A model with two heads (DeiT in training mode returns ``(cls_logits, dist_logits)``) gets the
+    mean of both heads' losses, so that neither head is left untrained.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(
+        self, inputs: torch.Tensor, outputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor
+    ) -> torch.Tensor:
+        heads = outputs if isinstance(outputs, tuple) else (outputs,)
+        losses = [F.cross_entropy(h, labels, label_smoothing=self.label_smoothing) for h in heads]
+        return torch.stack(losses).mean()

@@ -1,0 +1,205 @@
+"""The training loop: one plain PyTorch loop for fine-tuning and distillation.
+
+batch -> autocast forward -> loss(inputs, outputs, labels) -> backward -> clip -> step -> schedule,
+with TensorBoard logging, evaluation every epoch and ``last.pt``/``best.pt`` checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from vitrain import __version__
+from vitrain.checkpoint import save_checkpoint
+from vitrain.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={device} but no CUDA device is visible; use trainer.device=auto or cpu")
+    return torch.device(device)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``trainer.precision``; ``auto`` is bf16 on CUDA and fp32 on the CPU."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown trainer.precision '{precision}'; choose auto, fp32, bf16 or fp16")
+    return PRECISIONS[precision]
+
+
+class Trainer:
+    """Trains ``model`` for ``epochs`` epochs and writes TensorBoard logs, checkpoints and metrics
+    under ``run_dir``. ``checkpoint_extra`` (config, class names, ...) is stored in every checkpoint."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        criterion: nn.Module,
+        train_loader: DataLoader,
+        val_loader: DataLoader,
+        run_dir: str | Path,
+        epochs: int,
+        device: str = "auto",
+        precision: str = "auto",
+        grad_clip: float | None = None,
+        log_every: int = 10,
+        progress: bool = True,
+        checkpoint_extra: dict[str, Any] | None = None,
+    ) -> None:
+        if epochs <= 0:
+            raise ConfigError(f"trainer.epochs must be positive, got {epochs}")
+        self.device = resolve_device(device)
+        self.amp_dtype = autocast_dtype(precision, self.device)
+        self.model = model.to(self.device)
+        self.criterion = criterion.to(self.device)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.epochs, self.grad_clip, self.progress = epochs, grad_clip, progress
+        self.log_every = max(1, log_every)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.run_dir = Path(run_dir)
+        self.checkpoint_extra = checkpoint_extra or {}
+        self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self.step = 0
+        self.best_top1 = float("-inf")
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def fit(self) -> dict[str, Any]:
+        """Train, evaluate after every epoch, checkpoint; return (and write) the final metrics."""
+        start = time.perf_counter()
+        train_time, train_images, history = 0.0, 0, []
+        for epoch in range(self.epochs):
+            t0 = time.perf_counter()
+            train_loss, seen = self.train_one_epoch(epoch)
+            epoch_time = time.perf_counter() - t0
+            train_time, train_images = train_time + epoch_time, train_images + seen
+            val = self.evaluate()
+            history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
+                            "val_top1": val["top1"], "images_per_sec": seen / epoch_time})
+            self._log_epoch(history[-1])
+            self._save(epoch + 1, val)
+        metrics = {
+            "best_top1": self.best_top1,
+            "final_top1": history[-1]["val_top1"],
+            "final_val_loss": history[-1]["val_loss"],
+            "epochs": self.epochs,
+            "steps": self.step,
+            "train_images_per_sec": train_images / train_time,
+            "wall_time_sec": time.perf_counter() - start,
+            "history": history,
+        }
+        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        self.writer.close()
+        return metrics
+
+    def train_one_epoch(self, epoch: int) -> tuple[float, int]:
+        """One pass over the training set; returns (mean train loss, images seen)."""
+        self.model.train()
+        epoch_loss = torch.zeros((), device=self.device)
+        window_loss, window_steps, seen = torch.zeros((), device=self.device), 0, 0
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.progress,
+                   leave=False, dynamic_ncols=True)
+        for images, labels in bar:
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            with self._autocast():
+                outputs = self.model(images)
+                loss = self.criterion(images, outputs, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.step += 1
+            seen += labels.shape[0]
+            window_loss += loss.detach().float()  # summed on the device: no host sync per step
+            window_steps += 1
+            if self.step % self.log_every == 0:
+                epoch_loss += window_loss
+                self._log_step(bar, (window_loss / window_steps).item())
+                window_loss.zero_()
+                window_steps = 0
+        epoch_loss += window_loss
+        return epoch_loss.item() / max(1, len(self.train_loader)), seen
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean cross-entropy and top-1 accuracy (percent) on the validation set."""
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        total = 0
+        for images, labels in self.val_loader:
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.model(images)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+            correct += (logits.argmax(dim=1) == labels).sum()
+            total += labels.shape[0]
+        return {"loss": loss_sum.item() / total, "top1": 100.0 * correct.item() / total}
+
+    def learning_rates(self) -> dict[str, float]:
+        """Current learning rate of each part (``backbone``, ``head``)."""
+        return {g.get("name", str(i)).removesuffix("_no_decay"): g["lr"]
+                for i, g in enumerate(self.optimizer.param_groups)}
+
+    def _log_step(self, bar: tqdm, loss: float) -> None:
+        self.writer.add_scalar("train/loss", loss, self.step)
+        lrs = self.learning_rates()
+        for name, lr in lrs.items():
+            self.writer.add_scalar(f"lr/{name}", lr, self.step)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(lrs.values()):.2e}")
+
+    def _log_epoch(self, row: dict[str, float]) -> None:
+        step = self.step
+        self.writer.add_scalar("train/epoch_loss", row["train_loss"], step)
+        self.writer.add_scalar("train/images_per_sec", row["images_per_sec"], step)
+        self.writer.add_scalar("val/loss", row["val_loss"], step)
+        self.writer.add_scalar("val/top1", row["val_top1"], step)
+        self.writer.flush()
+        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_top1 %.2f%%  %.0f img/s",
+                 row["epoch"], self.epochs, row["train_loss"], row["val_loss"], row["val_top1"],
+                 row["images_per_sec"])
+
+    def _save(self, epoch: int, val: dict[str, float]) -> None:
+        is_best = val["top1"] > self.best_top1
+        self.best_top1 = max(self.best_top1, val["top1"])
+        state = {"model": self.model.state_dict(), "epoch": epoch, "step": self.step, "val": val,
+                 "best_top1": self.best_top1, "vitrain_version": __version__, **self.checkpoint_extra}
+        ckpt_dir = self.run_dir / "checkpoints"
+        if is_best:  # weights for inference and fine-tuning: no optimizer state
+            save_checkpoint(state, ckpt_dir / "best.pt")
+        state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                     scaler=self.scaler.state_dict())
+        save_checkpoint(state, ckpt_dir / "last.pt")
