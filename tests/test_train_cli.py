@@ -47,15 +47,17 @@ def test_multirun_sweeps_into_numbered_folders(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    (["data=cifar10", "data.download=false"], "error: cifar10 not found under data.root="),
+    (["data=cifar10", "data.download=false", "data.root=nowhere"], "error: cifar10 not found under data.root="),
     (["model.name=vit_smal_patch16_224"], "error: unknown model 'vit_smal_patch16_224' (model.name); "
                                           "did you mean vit_small_patch16_224"),
     (["model.img_size=30"], "error: image size 30x30 is not divisible by the patch size 4"),
     (["data.batch_size=0"], "error: data.batch_size must be positive"),
     (["optimizer.lr=-1"], "error: optimizer.lr must be positive"),
+    (["data=imagefolder"], "error: data.root has no value; set it"),
+    (["data=imagefolder", "data.root=nowhere"], "error: no images under"),
 ])
 def test_bad_input_is_one_line_without_traceback(tmp_path: Path, args: list[str], expected: str) -> None:
-    result = run_cli([*args, f"data.root={tmp_path}/none", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    result = run_cli([*args, f"hydra.run.dir={tmp_path}/run"], tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout
     assert result.stderr.strip().startswith(expected), result.stderr

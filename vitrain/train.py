@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from vitrain.config import CONFIG_DIR
 from vitrain.data import build_datasets, build_loaders
@@ -82,9 +83,11 @@ def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the final top-1 so that sweepers can optimise it."""
     try:
         return train(cfg, HydraConfig.get().runtime.output_dir)["final_top1"]
-    except VitrainError as e:
+    except (VitrainError, MissingMandatoryValue) as e:
         if cfg.trainer.get("debug") or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        if isinstance(e, MissingMandatoryValue):
+            e = VitrainError(f"{e.full_key} has no value; set it on the command line ({e.full_key}=...)")
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
