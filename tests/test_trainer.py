@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -79,3 +80,23 @@ def test_two_head_outputs_train_both_heads() -> None:
     pair = loss(None, (good, bad), labels)
     expected = (loss(None, good, labels) + loss(None, bad, labels)) / 2
     torch.testing.assert_close(pair, expected)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model=deit_tiny", "model.img_size=32"],
+    ["model=swin", "model.img_size=32", "model.window_size=4"],  # 8x8 grid: 4x4 windows, then one window
+    ["model=swin_nano"],
+    ["model=timm", "model.name=resnet18", "model.img_size=32"],
+    ["model=torchvision", "model.name=resnet18", "model.img_size=32"],
+])
+def test_model_families_train_and_their_checkpoints_reload(tmp_path: Path, overrides: list[str]) -> None:
+    """Two steps on digits, then best.pt goes back through create_model(checkpoint=...) and scores the same."""
+    cfg = compose([*SMOKE, *overrides])
+    metrics = train(cfg, tmp_path)
+    m = cfg.model
+    extra = {"window_size": m.window_size} if "window_size" in m else {}
+    model = create_model(m.name, num_classes=10, img_size=m.img_size, source=m.source,
+                         checkpoint=tmp_path / "checkpoints" / "best.pt", **extra)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), None, ClassificationLoss(),
+                      [], _digits_val_loader(cfg), tmp_path / "check", epochs=1, progress=False)
+    assert trainer.evaluate()["top1"] == metrics["final_top1"]

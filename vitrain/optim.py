@@ -22,7 +22,10 @@ from vitrain.errors import ConfigError
 
 
 def classifier_names(model: nn.Module) -> tuple[str, ...]:
-    """Module paths of the classifier head(s): timm's ``pretrained_cfg['classifier']``, else ``head``."""
+    """Module paths of the classifier head(s): the model's ``head_names`` (vitrain's models and wrapped
+    backbones), else timm's ``pretrained_cfg['classifier']``, else ``head``."""
+    if getattr(model, "head_names", None):
+        return tuple(model.head_names)
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
     return (classifier,) if isinstance(classifier, str) else tuple(classifier)
 

@@ -38,6 +38,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_MODEL_KEYS = ("source", "name", "img_size", "pretrained", "checkpoint", "drop_path", "drop_rate")
+
+
+def build_model(m: DictConfig, num_classes: int) -> torch.nn.Module:
+    """The model of the ``model`` group; keys beyond the common ones (Swin's ``window_size``, or
+    ``+model.depth=6`` from the shell) go to the constructor."""
+    extra = {k: v for k, v in OmegaConf.to_container(m, resolve=True).items() if k not in _MODEL_KEYS}
+    return create_model(m.name, num_classes=num_classes, img_size=m.img_size, source=m.source,
+                        pretrained=m.pretrained, checkpoint=m.checkpoint, drop_rate=m.drop_rate,
+                        drop_path_rate=m.drop_path, **extra)
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run one training job described by ``cfg`` and write its outputs to ``run_dir``."""
     run_dir = Path(run_dir)
@@ -51,8 +63,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     train_loader, val_loader = build_loaders(
         splits, d.batch_size, d.num_workers, seed=cfg.seed, pin_memory=torch.cuda.is_available()
     )
-    model = create_model(m.name, num_classes=splits.num_classes, img_size=m.img_size,
-                         drop_rate=m.drop_rate, drop_path_rate=m.drop_path)
+    model = build_model(m, splits.num_classes)
     optimizer = build_optimizer(model, o.name, o.lr, o.backbone_lr, o.weight_decay, tuple(o.betas))
     steps_per_epoch = len(train_loader)
     scheduler = build_scheduler(
@@ -67,7 +78,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         train_loader, val_loader, run_dir, epochs=t.epochs, device=t.device, precision=t.precision,
         grad_clip=t.grad_clip, log_every=t.log_every, progress=t.progress,
         checkpoint_extra={"config": OmegaConf.to_container(cfg, resolve=True),
-                          "class_names": splits.class_names, "model_name": m.name},
+                          "class_names": splits.class_names, "model_name": m.name, "model_source": m.source},
     )
     log.info("training on %s for %d epochs (%d steps); writing to %s",
              trainer.device, t.epochs, t.epochs * steps_per_epoch, run_dir)

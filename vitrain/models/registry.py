@@ -1,4 +1,8 @@
-"""A name -> constructor registry, timm-style: ``create_model("vit_small_patch16_224", num_classes=10)``."""
+"""A name -> constructor registry of vitrain's own models, timm-style.
+
+Most code calls :func:`vitrain.models.create_model`, which also reaches timm and torchvision and
+loads weights; :func:`build_registered` builds one of vitrain's variants with fresh weights.
+"""
 
 from __future__ import annotations
 
@@ -25,9 +29,7 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(name for name in _MODELS if fnmatch.fnmatch(name, pattern))
 
 
-def create_model(
-    name: str, num_classes: int = 1000, img_size: int | None = None, **overrides: Any
-) -> nn.Module:
+def build_registered(name: str, num_classes: int = 1000, img_size: int | None = None, **overrides: Any) -> nn.Module:
     """Build a registered model; ``overrides`` replace the variant's defaults (depth, drop_path_rate, ...)."""
     if name not in _MODELS:
         close = difflib.get_close_matches(name, _MODELS, n=3, cutoff=0.5)

@@ -19,6 +19,8 @@ from vitrain.models.registry import register_model
 class VisionTransformer(nn.Module):
     """ViT with timm's parameter names, so timm's ViT checkpoints load unchanged."""
 
+    head_names = ("head",)  # module paths of the classifier (given the head learning rate)
+
     def __init__(
         self,
         img_size: int = 224,
