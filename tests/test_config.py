@@ -69,3 +69,8 @@ def test_every_user_key_has_a_comment() -> None:
             if " # " not in line:
                 missing.append(f"{path.relative_to(CONFIG_DIR)}: {line.strip()}")
     assert not missing, missing
+
+
+def test_design_card_deit_on_cifar10_composes() -> None:
+    cfg = compose(["model=deit", "data=cifar10"])
+    assert (cfg.model.name, cfg.model.img_size, cfg.data.name) == ("deit_base_distilled_patch16_224", 224, "cifar10")

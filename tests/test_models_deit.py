@@ -10,7 +10,6 @@ import torch
 
 from vitrain.errors import ConfigError
 from vitrain.models import create_model, deit, list_models
-from vitrain.models.convert import LoadReport, load_pretrained
 from vitrain.models.vit import VisionTransformer
 
 PLAIN = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
@@ -50,13 +49,12 @@ def test_variant_has_timms_parameter_names_and_shapes(name: str) -> None:
                                        ("deit_small_distilled_patch16_224", True)])
 def test_timm_weights_via_file_give_timms_logits(tmp_path: Path, name: str, wrap: bool) -> None:
     """timm's model with random weights -> file (the small one wrapped as {"model": ...}, the DeiT
-    release layout) -> load_pretrained -> the same eval logits; training mode gives timm's pair."""
+    release layout) -> create_model(name, checkpoint=file) -> the same eval logits; training mode gives timm's pair."""
     torch.manual_seed(0)
     ref = randomized(timm.create_model(name))
     path = tmp_path / "deit.pth"
     torch.save({"model": ref.state_dict()} if wrap else ref.state_dict(), path)
-    ours = create_model(name)
-    assert load_pretrained(ours, path) == LoadReport([], [], [])
+    ours = create_model(name, checkpoint=path)
     x = images()
     with torch.no_grad():
         logits, expected = ours.eval()(x), ref.eval()(x)

@@ -52,11 +52,30 @@ def test_timm_checkpoint_loads_strictly_and_gives_the_same_logits(name: str, tmp
     torch.save(ref.state_dict(), tmp_path / "swin.pth")
     ours = create_model(name).eval()
     ours.load_state_dict(torch.load(tmp_path / "swin.pth", weights_only=True), strict=True)
+    via_factory = create_model(name, checkpoint=tmp_path / "swin.pth").eval()
     size = ref.patch_embed.img_size
     x = torch.randn(1, 3, *size)
     with torch.no_grad():
-        diff = (ours(x) - ref(x)).abs().max().item()
-    assert diff <= 1e-4
+        expected = ref(x)
+        diff = (ours(x) - expected).abs().max().item()
+        diff_factory = (via_factory(x) - expected).abs().max().item()
+    assert diff <= 1e-4 and diff_factory <= 1e-4
+
+
+def test_torchvision_swin_t_file_gives_torchvision_logits(tmp_path: Path) -> None:
+    """torchvision's swin_t with random weights, saved, loaded into ours with create_model(checkpoint=...)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    tv = torchvision.models.swin_t(weights=None).eval()
+    with torch.no_grad():
+        for p in tv.parameters():  # noise everywhere, so that zero-initialised biases and tables matter
+            p.add_(torch.randn_like(p) * 0.02)
+    torch.save(tv.state_dict(), tmp_path / "swin_t.pth")
+    ours = create_model("swin_tiny_patch4_window7_224", checkpoint=tmp_path / "swin_t.pth").eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert (ours(x) - tv(x)).abs().max().item() <= 1e-4
 
 
 def test_timm_parity_with_odd_grids_and_shrunk_windows() -> None:

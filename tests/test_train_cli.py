@@ -77,3 +77,14 @@ def test_default_run_reaches_97_percent_within_3_minutes(tmp_path: Path) -> None
     metrics = json.loads(metrics_file.read_text())
     assert metrics["final_top1"] >= 97.0
     assert elapsed <= 180.0
+
+
+@pytest.mark.slow
+def test_deit_base_on_cifar10_starts_and_checkpoints(cifar10_root: Path, tmp_path: Path) -> None:
+    """The design card's `python -m vitrain.train model=deit data=cifar10`, on a CIFAR-format folder
+    of 100 training images (2 steps of DeiT-B at 224 on the CPU)."""
+    result = run_cli(["model=deit", "data=cifar10", f"data.root={cifar10_root}", "data.num_workers=0",
+                      "data.batch_size=50", "trainer.epochs=1", "trainer.progress=false",
+                      f"hydra.run.dir={tmp_path}/run"], tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()

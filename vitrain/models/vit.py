@@ -128,6 +128,11 @@ def vit_base_patch16_224(**kwargs: Any) -> VisionTransformer:
 
 
 @register_model
+def vit_base_patch32_224(**kwargs: Any) -> VisionTransformer:
+    return _create(dict(patch_size=32, embed_dim=768, depth=12, num_heads=12), **kwargs)
+
+
+@register_model
 def vit_large_patch16_224(**kwargs: Any) -> VisionTransformer:
     return _create(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), **kwargs)
 
