@@ -74,3 +74,35 @@ def test_every_user_key_has_a_comment() -> None:
 def test_design_card_deit_on_cifar10_composes() -> None:
     cfg = compose(["model=deit", "data=cifar10"])
     assert (cfg.model.name, cfg.model.img_size, cfg.data.name) == ("deit_base_distilled_patch16_224", 224, "cifar10")
+
+
+def test_finetune_cifar10_experiment_is_the_seed_recipe() -> None:
+    cfg = compose(["experiment=finetune_cifar10"])
+    assert (cfg.model.name, cfg.model.pretrained, cfg.model.img_size) == ("vit_small_patch16_224", True, 224)
+    assert (cfg.data.name, cfg.data.batch_size, cfg.data.crop_padding, cfg.data.hflip) == ("cifar10", 32, 4, True)
+    assert (cfg.optimizer.lr, cfg.optimizer.backbone_lr, cfg.optimizer.weight_decay) == (1e-3, 1e-5, 0.01)
+    assert (cfg.scheduler.name, cfg.trainer.epochs) == ("cosine", 10)
+
+
+def test_deit_recipe_experiment_has_deits_values() -> None:
+    cfg = compose(["experiment=deit_recipe", "model=deit_small"])
+    assert cfg.data.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.data.re_prob == 0.25
+    assert (cfg.trainer.mixup, cfg.trainer.cutmix, cfg.trainer.label_smoothing) == (0.8, 1.0, 0.1)
+    assert (cfg.model.drop_path, cfg.scheduler.warmup_epochs, cfg.optimizer.weight_decay) == (0.1, 5, 0.05)
+    assert (cfg.optimizer.lr, cfg.optimizer.lr_base_batch, cfg.trainer.ema) == (5e-4, 512, True)
+    assert cfg.model.name == "deit_small_distilled_patch16_224"  # the recipe leaves the model to the user
+
+
+def test_linear_probe_experiment_freezes_the_backbone() -> None:
+    cfg = compose(["experiment=linear_probe"])
+    assert cfg.optimizer.freeze_backbone and cfg.model.pretrained
+
+
+def test_lr_scales_with_the_batch_when_asked() -> None:
+    from vitrain.models import create_model
+    from vitrain.train import build_optimization
+
+    cfg = compose(["experiment=deit_recipe", "data.batch_size=128", "trainer.accum_steps=2"])
+    model = create_model("vit_nano_patch4_16", num_classes=10)
+    optimizer, _ = build_optimization(model, cfg.optimizer, cfg.scheduler, 128 * 2, steps_per_epoch=10, epochs=2)
+    assert [g["initial_lr"] for g in optimizer.param_groups] == pytest.approx([5e-4 * 256 / 512] * 4)

@@ -1,8 +1,10 @@
-"""Data sets and transforms on real formats: the bundled digits, a CIFAR-format folder, PNG folders."""
+"""Data sets and transforms on real formats: the bundled digits, a CIFAR-format folder, PNG folders;
+class subsets and the DeiT augmentations (RandAugment, colour jitter, random erasing)."""
 
 from __future__ import annotations
 
 import pickle
+import random
 from pathlib import Path
 from urllib.error import URLError
 
@@ -129,3 +131,163 @@ def test_loaders_fix_the_order_by_seed() -> None:
     assert torch.equal(first[0], first[1]) and not torch.equal(first[0], other)
     with pytest.raises(ConfigError, match="batch_size must be positive"):
         build_loaders(splits, 0)
+
+
+def _seed(seed: int) -> None:
+    """timm's RandAugment and RandomErasing draw from Python's and NumPy's generators, torchvision from torch's."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _noise_image(size: int, low: int = 0, high: int = 256) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(0).integers(low, high, size=(3, size, size), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("classes", [[5, 6, 7, 8, 9], [7, 2]])
+def test_digits_class_subset_keeps_every_image_of_those_classes_relabelled(classes: list[int]) -> None:
+    full = build_datasets("digits", 8, MEAN, STD)
+    sub = build_datasets("digits", 8, MEAN, STD, classes=classes)
+    assert sub.class_names == [str(c) for c in classes] and sub.num_classes == len(classes)
+    for split in ("train", "val"):
+        before, after = getattr(full, split), getattr(sub, split)
+        counts = np.bincount(before.labels.numpy(), minlength=10)
+        assert np.bincount(after.labels.numpy()).tolist() == counts[classes].tolist()  # e.g. [29, 29, 29, 28, 29]
+        for new, old in enumerate(classes):  # same images, same order, label = position in `classes`
+            torch.testing.assert_close(after.images[after.labels == new], before.images[before.labels == old])
+    assert len(sub.train) + len(sub.val) == sum((full.train.labels == c).sum() + (full.val.labels == c).sum()
+                                                for c in classes)
+
+
+def test_class_subset_of_cifar_and_imagefolder(cifar10_root: Path, imagefolder_root: Path) -> None:
+    full = build_datasets("cifar10", 32, MEAN, STD, root=cifar10_root, download=False)
+    sub = build_datasets("cifar10", 32, MEAN, STD, root=cifar10_root, download=False, classes=[5, 3])
+    assert sub.class_names == ["dog", "cat"]
+    keep = (full.val.labels == 5) | (full.val.labels == 3)
+    assert len(sub.val) == int(keep.sum()) > 0
+    assert sub.val.labels.tolist() == [0 if y == 5 else 1 for y in full.val.labels[keep].tolist()]
+    torch.testing.assert_close(sub.val.images, full.val.images[keep])
+
+    folders = build_datasets("imagefolder", 32, MEAN, STD, root=imagefolder_root, classes=[1])
+    assert folders.class_names == ["square"] and (len(folders.train), len(folders.val)) == (6, 2)
+    assert folders.train.targets == [0] * 6 and all("/square/" in path for path, _ in folders.train.samples)
+    assert folders.val[1][1] == 0 and folders.val[1][0].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("classes", [[10], [-1, 2], [], [2, 2], "5", [1.5]])
+def test_bad_classes_is_a_one_line_config_error(classes: object) -> None:
+    with pytest.raises(ConfigError, match=r"^data\.classes") as e:
+        build_datasets("digits", 8, MEAN, STD, classes=classes)
+    assert "\n" not in str(e.value)
+    if classes in ([10], [-1, 2]):
+        assert "0..9 for digits" in str(e.value)
+
+
+def test_classes_missing_from_a_split_is_a_data_error(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    test_batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    entry = pickle.loads(test_batch.read_bytes())
+    entry["labels"] = [0] * len(entry["labels"])  # no test image of class 1
+    test_batch.write_bytes(pickle.dumps(entry))
+    with pytest.raises(DataError, match=r"^cifar10 has no val images of data.classes=\[1\]"):
+        build_datasets("cifar10", 32, MEAN, STD, root=tmp_path, download=False, classes=[1])
+
+
+def test_rand_augment_changes_train_images_only() -> None:
+    image = _noise_image(16, 40, 216)
+    plain = build_transforms(16, MEAN, STD, train=True, crop_padding=0, hflip=False)(image)  # deterministic
+    augment = build_transforms(16, MEAN, STD, train=True, crop_padding=0, hflip=False,
+                               auto_augment="rand-m9-mstd0.5-inc1")
+    _seed(0)
+    outputs = [augment(image) for _ in range(10)]
+    assert sum(not torch.equal(o, plain) for o in outputs) >= 6  # each of 2 ops applies with p=0.5
+    assert all(o.shape == (3, 16, 16) and o.dtype == torch.float32 for o in outputs)
+    assert all(o.min() >= -1.0 and o.max() <= 1.0 for o in outputs)  # still uint8 levels, normalized
+
+    splits = build_datasets("digits", 16, MEAN, STD, auto_augment="rand-m9-mstd0.5-inc1")
+    assert any(type(t).__name__ == "RandAugment" for t in splits.train.transform.transforms)
+    assert not any(type(t).__name__ == "RandAugment" for t in splits.val.transform.transforms)
+    _seed(0)
+    first = [splits.val[i][0] for i in range(5)]
+    _seed(1)
+    assert all(torch.equal(a, splits.val[i][0]) for i, a in enumerate(first))
+
+
+def test_rand_augment_is_configured_as_timm_create_transform() -> None:
+    from timm.data import create_transform
+    from timm.data.auto_augment import RandAugment
+
+    mean, std, policy = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "rand-m9-mstd0.5-inc1"
+    ours = build_transforms(224, mean, std, train=True, interpolation="bicubic", auto_augment=policy)
+    theirs = create_transform(224, is_training=True, auto_augment=policy, interpolation="bicubic", mean=mean, std=std)
+    (a,), (b,) = ([t for t in c.transforms if isinstance(t, RandAugment)] for c in (ours, theirs))
+    assert a.ops[0].hparams["img_mean"] == (124, 116, 104)  # round(255 * mean): the fill colour
+    assert a.ops[0].hparams["translate_const"] == 100  # int(0.45 * 224)
+    assert a.num_layers == b.num_layers == 2
+    assert [(o.name, o.prob, o.magnitude, o.magnitude_std, o.hparams, o.kwargs) for o in a.ops] == \
+           [(o.name, o.prob, o.magnitude, o.magnitude_std, o.hparams, o.kwargs) for o in b.ops]
+
+
+def test_color_jitter_changes_brightness_and_contrast_and_is_off_with_rand_augment() -> None:
+    image = _noise_image(16, 40, 216)
+    plain = build_transforms(16, MEAN, STD, train=True, crop_padding=0, hflip=False)(image)
+    jitter = build_transforms(16, MEAN, STD, train=True, crop_padding=0, hflip=False, color_jitter=0.4)
+    _seed(0)
+    outputs = [jitter(image) for _ in range(10)]
+    means, stds = torch.stack([o.mean() for o in outputs]), torch.stack([o.std() for o in outputs])
+    assert (means - plain.mean()).abs().max() > 0.2  # brightness factor in [0.6, 1.4]
+    assert (stds - plain.std()).abs().max() > 0.1  # contrast factor in [0.6, 1.4]
+    assert all(o.shape == (3, 16, 16) and o.min() >= -1.0 and o.max() <= 1.0 for o in outputs)
+    with_ra = build_transforms(16, MEAN, STD, train=True, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1")
+    assert not any(type(t).__name__ == "ColorJitter" for t in with_ra.transforms)  # as timm: RandAugment only
+    assert not any(type(t).__name__ == "ColorJitter"
+                   for t in build_transforms(16, MEAN, STD, train=False, color_jitter=0.4).transforms)
+
+
+def test_random_erasing_replaces_one_rectangle_after_normalization() -> None:
+    image = _noise_image(32)
+    plain = build_transforms(32, MEAN, STD, train=True, crop_padding=0, hflip=False)(image)
+    unerased = build_transforms(32, MEAN, STD, train=True, crop_padding=0, hflip=False, re_prob=0.0)
+    erase = build_transforms(32, MEAN, STD, train=True, crop_padding=0, hflip=False, re_prob=1.0)
+    assert torch.equal(unerased(image), plain)
+    for seed in range(3):
+        _seed(seed)
+        out = erase(image)
+        changed = out != plain
+        assert torch.equal(changed, changed[:1].expand(3, -1, -1))  # the same pixels in every channel
+        rows, cols = changed[0].nonzero(as_tuple=True)
+        box = changed[0, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.all() and changed[0].sum() == box.numel()  # one filled rectangle, the rest equal
+        assert 0.02 * 32 * 32 * 0.8 <= box.numel() <= 32 * 32 / 3 * 1.2  # timm's area range, after rounding
+        assert out[changed].abs().max() > 1.0  # N(0, 1) noise, beyond the [-1, 1] of normalized pixels
+        _seed(seed)
+        assert torch.equal(erase(image), out)  # the seed fixes the rectangle
+    evaluate = build_datasets("digits", 16, MEAN, STD, re_prob=1.0).val.transform
+    assert not any(type(t).__name__ == "RandomErasing" for t in evaluate.transforms)
+
+
+@pytest.mark.parametrize("setting, match", [
+    (dict(auto_augment="original"), r"data\.auto_augment='original' is not a RandAugment policy"),
+    (dict(auto_augment="rand-x9"), r"data\.auto_augment='rand-x9' is not a valid timm RandAugment policy"),
+    (dict(color_jitter=-0.1), r"data\.color_jitter must be >= 0"),
+    (dict(re_prob=1.5), r"data\.re_prob is a probability"),
+])
+def test_bad_augmentation_settings_are_one_line_errors(setting: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as e:
+        build_transforms(16, MEAN, STD, train=True, **setting)
+    assert "\n" not in str(e.value)
+
+
+def test_data_config_keys_reach_build_datasets() -> None:
+    from vitrain.config import compose
+
+    d = compose(["data.classes=[5,6,7,8,9]", "data.auto_augment=rand-m9-mstd0.5-inc1",
+                 "data.color_jitter=0.4", "data.re_prob=0.25"]).data
+    assert (d.auto_augment, d.color_jitter, d.re_prob) == ("rand-m9-mstd0.5-inc1", 0.4, 0.25)
+    splits = build_datasets(d.name, 16, d.mean, d.std, auto_augment=d.auto_augment, color_jitter=d.color_jitter,
+                            re_prob=d.re_prob, classes=d.classes)
+    assert splits.class_names == ["5", "6", "7", "8", "9"] and set(splits.train.labels.tolist()) == set(range(5))
+    image, label = splits.train[0]
+    assert image.shape == (3, 16, 16) and 0 <= label < 5
+    defaults = compose().data
+    assert (defaults.auto_augment, defaults.color_jitter, defaults.re_prob, defaults.classes) == (None, 0.0, 0.0, None)

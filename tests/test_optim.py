@@ -9,7 +9,14 @@ import torch
 
 from vitrain.errors import ConfigError
 from vitrain.models import create_model
-from vitrain.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from vitrain.optim import (
+    build_optimizer,
+    build_scheduler,
+    layer_ids,
+    lr_factor,
+    param_groups,
+    set_backbone_trainable,
+)
 
 
 def test_warmup_is_linear_and_reaches_one() -> None:
@@ -69,12 +76,27 @@ def test_backbone_lr_defaults_to_lr() -> None:
     assert {g["lr"] for g in param_groups(model, lr=3e-4)} == {3e-4}
 
 
-def test_frozen_parameters_are_left_out() -> None:
+def test_frozen_backbone_is_not_updated_until_unfrozen() -> None:
+    """Linear probing: only the head moves; after unfreezing, the same optimizer moves the backbone."""
+    torch.manual_seed(0)
     model = create_model("vit_nano_patch4_16", num_classes=3)
-    model.patch_embed.requires_grad_(False)
-    params = [p for g in param_groups(model, lr=1e-3) for p in g["params"]]
-    assert all(p is not model.patch_embed.proj.weight for p in params)
-    assert len(params) == sum(1 for p in model.parameters() if p.requires_grad)
+    set_backbone_trainable(model, False)
+    opt = build_optimizer(model, lr=1e-2)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def step() -> None:
+        loss = model(torch.randn(4, 3, 16, 16)).logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"head.weight", "head.bias"}
+    set_backbone_trainable(model, True)
+    step()
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, before["blocks.0.attn.qkv.weight"])
 
 
 def test_adamw_step_applies_no_decay_to_tokens() -> None:
@@ -103,3 +125,73 @@ def test_unknown_scheduler() -> None:
     opt = build_optimizer(create_model("vit_nano_patch4_16"))
     with pytest.raises(ConfigError, match="unknown scheduler 'poly'"):
         build_scheduler(opt, 10, name="poly")
+
+
+def test_step_schedule_values() -> None:
+    steps = (0, 2, 11, 12, 22, 95)
+    values = [lr_factor(s, 100, warmup_steps=2, kind="step", decay_steps=10, decay_rate=0.5) for s in steps]
+    assert values == [0.5, 1.0, 1.0, 0.5, 0.25, 0.5**9]
+
+
+def test_schedule_at_warmup_start_end_midpoint_and_end_for_two_groups() -> None:
+    """Backbone 1e-5 and head 1e-3, 10 warmup steps of 110, floor 1%: the numbers at the four points."""
+    model = create_model("vit_nano_patch4_16", num_classes=3)
+    opt = build_optimizer(model, lr=1e-3, backbone_lr=1e-5)
+    sched = build_scheduler(opt, total_steps=110, warmup_steps=10, min_lr_ratio=0.01)
+    lrs = []
+    for _ in range(111):
+        lrs.append({g["name"]: g["lr"] for g in opt.param_groups})
+        opt.step()
+        sched.step()
+    expected = {0: 0.1, 9: 1.0, 60: 0.01 + 0.99 * 0.5, 110: 0.01}  # warmup start, warmup end, midpoint, end
+    for step, factor in expected.items():
+        assert lrs[step]["head"] == pytest.approx(1e-3 * factor)
+        assert lrs[step]["backbone"] == pytest.approx(1e-5 * factor)
+
+
+def test_layer_decay_factors_per_block() -> None:
+    """ViT with 6 blocks, decay 0.5: embeddings 0.5^7, block i (0-based) 0.5^(6-i), final norm and head 1."""
+    model = create_model("vit_nano_patch4_16", num_classes=3)
+    ids = layer_ids(model)
+    assert (ids["cls_token"], ids["patch_embed.proj.weight"], ids["blocks.0.attn.qkv.weight"]) == (0, 0, 1)
+    assert (ids["blocks.5.mlp.fc2.bias"], ids["norm.weight"], ids["head.weight"]) == (6, 7, 7)
+    lrs = {n: g["lr"] for g in param_groups(model, lr=1.0, backbone_lr=0.1, layer_decay=0.5) for n in [g["name"]]}
+    assert lrs["backbone_layer0_no_decay"] == pytest.approx(0.1 * 0.5**7)
+    for i in range(6):
+        assert lrs[f"backbone_layer{i + 1}"] == pytest.approx(0.1 * 0.5 ** (6 - i))
+    assert lrs["backbone_layer7_no_decay"] == pytest.approx(0.1)  # final norm: the top of the backbone
+    assert lrs["head"] == 1.0
+
+
+def test_layer_decay_counts_swin_blocks_across_stages() -> None:
+    model = create_model("swin_nano_patch2_window4_32", num_classes=3)  # depths (2, 2, 2), merging before 2, 3
+    ids = layer_ids(model)
+    assert ids["layers.0.blocks.1.attn.qkv.weight"] == 2
+    assert ids["layers.1.downsample.reduction.weight"] == 3
+    assert ids["layers.1.blocks.0.attn.qkv.weight"] == 4
+    assert ids["layers.2.blocks.1.mlp.fc1.weight"] == 8 and ids["norm.weight"] == 9
+
+
+def test_layer_decay_needs_blocks() -> None:
+    from vitrain.models.external import create_timm_model
+
+    with pytest.raises(ConfigError, match="optimizer.layer_decay needs a model with transformer blocks"):
+        build_optimizer(create_timm_model("resnet18", num_classes=3), layer_decay=0.7)
+
+
+@pytest.mark.parametrize(("name", "head", "no_decay", "decay"), [
+    ("deit_tiny_distilled_patch16_224", {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"},
+     {"cls_token", "dist_token", "pos_embed", "blocks.0.norm1.weight"}, {"blocks.11.attn.proj.weight"}),
+    ("swin_nano_patch2_window4_32", {"head.fc.weight", "head.fc.bias"},
+     {"layers.0.blocks.0.attn.relative_position_bias_table", "patch_embed.norm.weight"},
+     {"layers.1.downsample.reduction.weight"}),
+])
+def test_groups_for_deit_and_swin(name: str, head: set, no_decay: set, decay: set) -> None:
+    model = create_model(name, num_classes=3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["name"]: g for g in param_groups(model, lr=1e-3, backbone_lr=1e-5, weight_decay=0.05)}
+    members = {k: {names[id(p)] for p in g["params"]} for k, g in groups.items()}
+    assert members["head"] | members["head_no_decay"] == head
+    assert no_decay <= members["backbone_no_decay"] and decay <= members["backbone"]
+    assert (groups["head"]["lr"], groups["backbone_no_decay"]["lr"]) == (1e-3, 1e-5)
+    assert (groups["backbone"]["weight_decay"], groups["backbone_no_decay"]["weight_decay"]) == (0.05, 0.0)

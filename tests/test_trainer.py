@@ -100,3 +100,66 @@ def test_model_families_train_and_their_checkpoints_reload(tmp_path: Path, overr
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), None, ClassificationLoss(),
                       [], _digits_val_loader(cfg), tmp_path / "check", epochs=1, progress=False)
     assert trainer.evaluate()["top1"] == metrics["final_top1"]
+
+
+def _accum_run(accum: int, batch: int, tmp_path: Path) -> torch.nn.Module:
+    """One optimizer step over the same 32 digits, as `accum` batches of `batch`."""
+    torch.manual_seed(0)
+    train_set, _, _ = load_digits()
+    x = torch.nn.functional.interpolate(train_set.images[:32].float() / 127.5 - 1, size=16)
+    loader = DataLoader(TensorDataset(x, train_set.labels[:32]), batch_size=batch, shuffle=False)
+    model = create_model("vit_nano_patch4_16", num_classes=10)  # no dropout, no drop path
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # the update is the gradient itself
+    scheduler = build_scheduler(optimizer, total_steps=1, name="constant")
+    trainer = Trainer(model, optimizer, scheduler, ClassificationLoss(), loader, loader, tmp_path / str(accum),
+                      epochs=1, progress=False, accum_steps=accum, grad_clip=None)
+    trainer.train_one_epoch(0)
+    assert trainer.step == 1
+    return model
+
+
+def test_gradient_accumulation_4x8_equals_1x32(tmp_path: Path) -> None:
+    a, b = _accum_run(4, 8, tmp_path), _accum_run(1, 32, tmp_path)
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert (p - q).abs().max().item() <= 1e-5, name
+
+
+def test_ema_update_equals_its_formula() -> None:
+    """timm's ModelEmaV3 as the trainer uses it: ema <- d * ema + (1 - d) * w, per optimizer step."""
+    from timm.utils import ModelEmaV3
+
+    model = create_model("vit_nano_patch4_16", num_classes=3)
+    ema = ModelEmaV3(model, decay=0.9)
+    start = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model, step=5)  # (step 1 copies the weights: timm starts the average from them)
+    for k, v in ema.module.state_dict().items():
+        torch.testing.assert_close(v, 0.9 * start[k] + 0.1 * model.state_dict()[k])
+
+
+def test_mixup_targets_are_soft_and_sum_to_one() -> None:
+    from vitrain.train import build_mixup
+
+    cfg = compose(["trainer.mixup=0.8", "trainer.cutmix=1.0", "trainer.label_smoothing=0.1"])
+    mixup = build_mixup(cfg.trainer, num_classes=10)
+    torch.manual_seed(0)
+    images, labels = torch.randn(8, 3, 16, 16), torch.arange(8)
+    mixed, targets = mixup(images.clone(), labels)
+    assert targets.shape == (8, 10)
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(8))
+    assert (targets.max(dim=1).values < 0.95).all()  # smoothed and mixed: no one-hot rows
+    assert not torch.equal(mixed, images)
+    loss = ClassificationLoss(label_smoothing=0.1)(mixed, torch.randn(8, 10), targets)
+    assert torch.isfinite(loss)
+
+
+def test_ema_mixup_accumulation_run_end_to_end(tmp_path: Path) -> None:
+    """The DeiT-style knobs together on digits; the EMA weights are evaluated and saved beside the raw ones."""
+    cfg = compose([*SMOKE, "data.batch_size=64", "trainer.accum_steps=2", "trainer.ema=true",
+                   "trainer.ema_decay=0.5", "trainer.mixup=0.8", "trainer.cutmix=1.0", "optimizer.layer_decay=0.75"])
+    metrics = train(cfg, tmp_path)
+    assert metrics["steps"] == 11 and "final_top1_ema" in metrics  # 22 full batches of 64 (mixup drops the last)
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert last["model_ema"].keys() == last["model"].keys()

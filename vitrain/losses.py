@@ -12,7 +12,8 @@ from torch import nn
 
 
 class ClassificationLoss(nn.Module):
-    """Cross-entropy with optional label smoothing.
+    """Cross-entropy with optional label smoothing; soft targets (B, classes) from mixup/cutmix, which
+    are already smoothed by the mixing, get plain soft-target cross-entropy.
 
     A model with two heads (DeiT in training mode returns ``(cls_logits, dist_logits)``) gets the
     mean of both heads' losses, so that neither head is left untrained.
@@ -26,5 +27,6 @@ class ClassificationLoss(nn.Module):
         self, inputs: torch.Tensor, outputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor
     ) -> torch.Tensor:
         heads = outputs if isinstance(outputs, tuple) else (outputs,)
-        losses = [F.cross_entropy(h, labels, label_smoothing=self.label_smoothing) for h in heads]
+        smoothing = 0.0 if labels.is_floating_point() else self.label_smoothing
+        losses = [F.cross_entropy(h, labels, label_smoothing=smoothing) for h in heads]
         return torch.stack(losses).mean()

@@ -11,6 +11,7 @@ with it, stepped once per optimizer step.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from functools import partial
 
@@ -34,33 +35,72 @@ def _in_module(name: str, prefixes: Iterable[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+_EMBEDDING = ("patch_embed.", "cls_token", "dist_token", "pos_embed", "absolute_pos_embed")
+_BLOCK = re.compile(r"^(?:blocks\.(\d+)|layers\.(\d+)\.(?:blocks\.(\d+)|downsample))\.")
+
+
+def layer_ids(model: nn.Module) -> dict[str, int]:
+    """Depth of every parameter for layer-wise learning-rate decay (BEiT, timm): 0 for the patch
+    embedding, tokens and position embedding, 1..L for the L transformer blocks in order (ViT/DeiT
+    ``blocks.i``; Swin ``layers.s.blocks.b``, each stage's patch merging counted as a layer before its
+    blocks), L + 1 for what follows (final norm, head)."""
+    keys: dict[tuple, int] = {}
+    found: dict[str, tuple | None] = {}
+    for name, _ in model.named_parameters():
+        m = _BLOCK.match(name)
+        key = None if m is None else tuple(-1 if g is None else int(g) for g in m.groups())
+        if key is not None:
+            keys.setdefault(key, len(keys) + 1)
+        found[name] = key
+    last = len(keys) + 1
+    return {name: 0 if name.startswith(_EMBEDDING) else keys[key] if key else last for name, key in found.items()}
+
+
 def param_groups(
     model: nn.Module,
     lr: float,
     backbone_lr: float | None = None,
     weight_decay: float = 0.05,
     head: Iterable[str] | None = None,
+    layer_decay: float | None = None,
 ) -> list[dict]:
     """Groups ``backbone``/``head`` x decay/``no_decay`` for a torch optimizer.
 
     No weight decay for 0-/1-d parameters (biases, LayerNorm) and for the names in
     ``model.no_weight_decay()`` (CLS token, position embedding). Empty groups are dropped.
-    ``backbone_lr=None`` trains everything at ``lr``.
+    ``backbone_lr=None`` trains everything at ``lr``. With ``layer_decay`` (e.g. 0.65) the backbone
+    splits further by depth (:func:`layer_ids`): a layer ``k`` below the top gets ``layer_decay ** k``
+    times the rate. Frozen parameters stay in their group (so unfreezing needs no new optimizer);
+    the optimizer skips them while they have no gradient.
     """
     head = tuple(head) if head is not None else classifier_names(model)
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     rates = {"backbone": lr if backbone_lr is None else backbone_lr, "head": lr}
+    depth = layer_ids(model) if layer_decay is not None else {}
+    top = max(depth.values(), default=0)
+    if layer_decay is not None and top < 2:
+        raise ConfigError("optimizer.layer_decay needs a model with transformer blocks (vitrain's ViT, DeiT or "
+                          "Swin); set optimizer.layer_decay=null")
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
         part = "head" if _in_module(name, head) else "backbone"
         decay = p.ndim > 1 and name not in skip
-        key = part if decay else f"{part}_no_decay"
-        group = groups.setdefault(key, {"name": key, "params": [], "lr": rates[part],
+        layer = top if part == "head" else depth.get(name, top)
+        key = part + (f"_layer{layer}" if layer_decay is not None and part == "backbone" else "")
+        key += "" if decay else "_no_decay"
+        scale = layer_decay ** (top - layer) if layer_decay is not None else 1.0
+        group = groups.setdefault(key, {"name": key, "params": [], "lr": rates[part] * scale,
                                         "weight_decay": weight_decay if decay else 0.0})
         group["params"].append(p)
     return list(groups.values())
+
+
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    """Freeze (linear probing) or unfreeze everything but the classifier head."""
+    head = classifier_names(model)
+    for name, p in model.named_parameters():
+        if not _in_module(name, head):
+            p.requires_grad_(trainable)
 
 
 def build_optimizer(
@@ -70,33 +110,47 @@ def build_optimizer(
     backbone_lr: float | None = None,
     weight_decay: float = 0.05,
     betas: tuple[float, float] = (0.9, 0.999),
+    layer_decay: float | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups`."""
+    """AdamW over :func:`param_groups` (fused kernels on CUDA)."""
     if name != "adamw":
         raise ConfigError(f"unknown optimizer '{name}' (optimizer.name); choose adamw")
     for key, value in (("optimizer.lr", lr), ("optimizer.backbone_lr", backbone_lr)):
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    return torch.optim.AdamW(param_groups(model, lr, backbone_lr, weight_decay), lr=lr, betas=tuple(betas))
+    if layer_decay is not None and not 0 < layer_decay <= 1:
+        raise ConfigError(f"optimizer.layer_decay must be in (0, 1], got {layer_decay}")
+    groups = param_groups(model, lr, backbone_lr, weight_decay, layer_decay=layer_decay)
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=on_cuda or None)
 
 
 def lr_factor(
-    step: int, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0, kind: str = "cosine"
+    step: int,
+    total_steps: int,
+    warmup_steps: int = 0,
+    min_ratio: float = 0.0,
+    kind: str = "cosine",
+    decay_steps: int = 1,
+    decay_rate: float = 0.1,
 ) -> float:
     """Multiplier of the base learning rate at 0-based optimizer step ``step``.
 
     Linear warmup over ``warmup_steps`` (1/W, 2/W, ..., 1), then ``cosine`` decay from 1 to
-    ``min_ratio`` at ``total_steps`` or ``constant`` 1.
+    ``min_ratio`` at ``total_steps``, ``step`` decay (times ``decay_rate`` every ``decay_steps``,
+    never below ``min_ratio``) or ``constant`` 1.
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if kind == "constant":
         return 1.0
+    if kind == "step":
+        return max(min_ratio, decay_rate ** ((step - warmup_steps) // max(1, decay_steps)))
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "step", "constant")
 
 
 def build_scheduler(
@@ -105,9 +159,12 @@ def build_scheduler(
     name: str = "cosine",
     warmup_steps: int = 0,
     min_lr_ratio: float = 0.0,
+    decay_steps: int = 1,
+    decay_rate: float = 0.1,
 ) -> LambdaLR:
     """A per-step LambdaLR applying :func:`lr_factor` to every group's own base learning rate."""
     if name not in SCHEDULES:
         raise ConfigError(f"unknown scheduler '{name}' (scheduler.name); choose one of {', '.join(SCHEDULES)}")
-    fn = partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=min_lr_ratio, kind=name)
+    fn = partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=min_lr_ratio, kind=name,
+                 decay_steps=decay_steps, decay_rate=decay_rate)
     return LambdaLR(optimizer, fn)

@@ -10,11 +10,13 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
@@ -23,6 +25,7 @@ from tqdm import tqdm
 from vitrain import __version__
 from vitrain.checkpoint import save_checkpoint
 from vitrain.errors import ConfigError
+from vitrain.optim import set_backbone_trainable
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +70,15 @@ class Trainer:
         log_every: int = 10,
         progress: bool = True,
         checkpoint_extra: dict[str, Any] | None = None,
+        accum_steps: int = 1,
+        ema_decay: float | None = None,
+        mixup_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        unfreeze_at_epoch: int | None = None,
     ) -> None:
         if epochs <= 0:
             raise ConfigError(f"trainer.epochs must be positive, got {epochs}")
+        if accum_steps < 1:
+            raise ConfigError(f"trainer.accum_steps must be at least 1, got {accum_steps}")
         self.device = resolve_device(device)
         self.amp_dtype = autocast_dtype(precision, self.device)
         self.model = model.to(self.device)
@@ -81,6 +90,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.run_dir = Path(run_dir)
         self.checkpoint_extra = checkpoint_extra or {}
+        self.accum_steps, self.mixup_fn, self.unfreeze_at_epoch = accum_steps, mixup_fn, unfreeze_at_epoch
+        # timm's EMA of the weights, evaluated and saved beside them
+        self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay else None
         self.writer = SummaryWriter(str(self.run_dir / "tb"))
         self.step = 0
         self.best_top1 = float("-inf")
@@ -95,6 +107,9 @@ class Trainer:
         start = time.perf_counter()
         train_time, train_images, history = 0.0, 0, []
         for epoch in range(self.epochs):
+            if epoch == self.unfreeze_at_epoch:
+                set_backbone_trainable(self.model, True)
+                log.info("epoch %d: backbone unfrozen", epoch + 1)
             t0 = time.perf_counter()
             train_loss, seen = self.train_one_epoch(epoch)
             epoch_time = time.perf_counter() - t0
@@ -102,6 +117,8 @@ class Trainer:
             val = self.evaluate()
             history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
                             "val_top1": val["top1"], "images_per_sec": seen / epoch_time})
+            if self.ema is not None:
+                history[-1]["val_top1_ema"] = self.evaluate(self.ema.module)["top1"]
             self._log_epoch(history[-1])
             self._save(epoch + 1, val)
         metrics = {
@@ -114,47 +131,66 @@ class Trainer:
             "wall_time_sec": time.perf_counter() - start,
             "history": history,
         }
+        if self.ema is not None:
+            metrics["final_top1_ema"] = history[-1]["val_top1_ema"]
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         self.writer.close()
         return metrics
 
     def train_one_epoch(self, epoch: int) -> tuple[float, int]:
-        """One pass over the training set; returns (mean train loss, images seen)."""
+        """One pass over the training set; returns (mean train loss, images seen).
+
+        With ``accum_steps`` > 1 the gradients of that many batches are summed (each loss divided by
+        ``accum_steps``) before one optimizer step, which then equals one step on the joined batch.
+        """
         self.model.train()
         epoch_loss = torch.zeros((), device=self.device)
-        window_loss, window_steps, seen = torch.zeros((), device=self.device), 0, 0
+        window_loss, window_batches, seen = torch.zeros((), device=self.device), 0, 0
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.progress,
                    leave=False, dynamic_ncols=True)
-        for images, labels in bar:
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, (images, labels) in enumerate(bar):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
+            if self.mixup_fn is not None:
+                images, labels = self.mixup_fn(images, labels)  # labels become soft targets (B, classes)
             with self._autocast():
                 outputs = self.model(images)
                 loss = self.criterion(images, outputs, labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if self.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            self.step += 1
+            self.scaler.scale(loss / self.accum_steps).backward()
             seen += labels.shape[0]
             window_loss += loss.detach().float()  # summed on the device: no host sync per step
-            window_steps += 1
+            window_batches += 1
+            if (i + 1) % self.accum_steps and i + 1 < len(self.train_loader):
+                continue  # keep accumulating gradients
+            self._optimizer_step()
             if self.step % self.log_every == 0:
                 epoch_loss += window_loss
-                self._log_step(bar, (window_loss / window_steps).item())
+                self._log_step(bar, (window_loss / window_batches).item())
                 window_loss.zero_()
-                window_steps = 0
+                window_batches = 0
         epoch_loss += window_loss
         return epoch_loss.item() / max(1, len(self.train_loader)), seen
 
+    def _optimizer_step(self) -> None:
+        """Clip, step (through the fp16 grad scaler when on), clear gradients, schedule, update the EMA."""
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean cross-entropy and top-1 accuracy (percent) on the validation set."""
-        self.model.eval()
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Mean cross-entropy and top-1 accuracy (percent) of ``model`` (default: the trained one)
+        on the validation set."""
+        model = model if model is not None else self.model
+        model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         total = 0
@@ -162,7 +198,7 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             with self._autocast():
-                logits = self.model(images)
+                logits = model(images)
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum")
             correct += (logits.argmax(dim=1) == labels).sum()
@@ -198,6 +234,8 @@ class Trainer:
         state = {"model": self.model.state_dict(), "epoch": epoch, "step": self.step, "val": val,
                  "best_top1": self.best_top1, "vitrain_version": __version__, **self.checkpoint_extra}
         ckpt_dir = self.run_dir / "checkpoints"
+        if self.ema is not None:
+            state["model_ema"] = self.ema.module.state_dict()
         if is_best:  # weights for inference and fine-tuning: no optimizer state
             save_checkpoint(state, ckpt_dir / "best.pt")
         state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),

@@ -1,15 +1,17 @@
-"""Data sets and loaders. ``build_datasets`` turns a data set name into transformed train/val sets."""
+"""Data sets and loaders. ``build_datasets`` turns a data set name (and an optional class subset) into
+transformed train/val sets."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vitrain.data.datasets import load_cifar, load_digits, load_imagefolder
+from vitrain.data.datasets import keep_classes, load_cifar, load_digits, load_imagefolder
 from vitrain.data.transforms import build_transforms
 from vitrain.errors import ConfigError, DataError
 
@@ -39,19 +41,51 @@ def build_datasets(
     interpolation: str = "bilinear",
     test_fraction: float = 0.2,
     split_seed: int = 0,
+    *,
+    auto_augment: str | None = None,
+    color_jitter: float = 0.0,
+    re_prob: float = 0.0,
+    classes: Sequence[int] | None = None,
 ) -> DataSplits:
-    """Load a data set by name and attach the train and eval transforms for ``img_size``."""
+    """Load a data set by name, optionally keep only ``classes`` (relabelled 0..k-1 in the given order),
+    and attach the train transform (with the DeiT augmentations asked for) and the eval transform."""
     if name == "digits":
-        train, val, classes = load_digits(test_fraction, split_seed)
+        train, val, names = load_digits(test_fraction, split_seed)
     elif name in ("cifar10", "cifar100"):
-        train, val, classes = load_cifar(name, _need_root(name, root), download)
+        train, val, names = load_cifar(name, _need_root(name, root), download)
     elif name == "imagefolder":
-        train, val, classes = load_imagefolder(_need_root(name, root))
+        train, val, names = load_imagefolder(_need_root(name, root))
     else:
         raise ConfigError(f"unknown data set '{name}' (data.name); choose one of {', '.join(DATASETS)}")
-    train.transform = build_transforms(img_size, mean, std, True, crop_padding, hflip, interpolation)
+    if classes is not None:
+        chosen = _check_classes(classes, name, len(names))
+        for split, dataset in (("train", train), ("val", val)):
+            if len(keep_classes(dataset, chosen)) == 0:
+                raise DataError(f"{name} has no {split} images of data.classes={chosen}; pick classes it has")
+        names = [names[c] for c in chosen]
+    train.transform = build_transforms(
+        img_size, mean, std, True, crop_padding, hflip, interpolation,
+        auto_augment=auto_augment, color_jitter=color_jitter, re_prob=re_prob,
+    )
     val.transform = build_transforms(img_size, mean, std, False, interpolation=interpolation)
-    return DataSplits(train, val, classes)
+    return DataSplits(train, val, names)
+
+
+def _check_classes(classes: Sequence[int], name: str, num_classes: int) -> list[int]:
+    """``data.classes`` as a list of distinct class indices of the data set, or a one-line ConfigError."""
+    valid = f"0..{num_classes - 1} for {name}"
+    listed = isinstance(classes, Sequence) and not isinstance(classes, str)
+    if not listed or not all(isinstance(c, Integral) and not isinstance(c, bool) for c in classes):
+        raise ConfigError(f"data.classes={classes} is not a list of class indices; give e.g. [0, 1] ({valid})")
+    chosen = [int(c) for c in classes]
+    if not chosen:
+        raise ConfigError(f"data.classes is empty; list the class indices to keep ({valid}) or set it to null")
+    outside = [c for c in chosen if not 0 <= c < num_classes]
+    if outside:
+        raise ConfigError(f"data.classes has {outside}, outside the valid range {valid}; use indices in that range")
+    if len(set(chosen)) < len(chosen):
+        raise ConfigError(f"data.classes={chosen} repeats a class; list each class index once")
+    return chosen
 
 
 def _need_root(name: str, root: str | Path | None) -> str | Path:
@@ -61,13 +95,20 @@ def _need_root(name: str, root: str | Path | None) -> str | Path:
 
 
 def build_loaders(
-    splits: DataSplits, batch_size: int, num_workers: int = 0, seed: int = 0, pin_memory: bool = False
+    splits: DataSplits,
+    batch_size: int,
+    num_workers: int = 0,
+    seed: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
 ) -> tuple[DataLoader, DataLoader]:
-    """Shuffled train loader (order fixed by ``seed``) and an ordered val loader."""
+    """Shuffled train loader (order fixed by ``seed``; ``drop_last`` drops a short last batch) and an
+    ordered val loader."""
     if batch_size <= 0:
         raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                   persistent_workers=num_workers > 0)
-    train = DataLoader(splits.train, shuffle=True, generator=torch.Generator().manual_seed(seed), **common)
+    train = DataLoader(splits.train, shuffle=True, generator=torch.Generator().manual_seed(seed),
+                       drop_last=drop_last, **common)
     val = DataLoader(splits.val, shuffle=False, **common)
     return train, val

@@ -1,13 +1,14 @@
 """The data sets vitrain knows: scikit-learn's digits (offline default), CIFAR-10/100, image folders.
 
 Each loader returns ``(train, test, class_names)`` where train and test are map-style data sets
-of ``(image, label)`` pairs whose transform is set by the caller.
+of ``(image, label)`` pairs whose transform is set by the caller; ``keep_classes`` narrows one to a
+subset of its classes.
 """
 
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +127,25 @@ def load_imagefolder(root: str | Path) -> tuple[Dataset, Dataset, list[str]]:
             f"{splits['train'].classes} vs {splits['val'].classes}; give both the same class folders"
         )
     return splits["train"], splits["val"], list(splits["train"].classes)
+
+
+def keep_classes(dataset: Dataset, classes: Sequence[int]) -> Dataset:
+    """Keep only the samples whose label is in ``classes`` and relabel them 0..len(classes)-1 in that
+    order, in place (the in-memory arrays, or an ImageFolder's sample list), so that a model can be
+    trained on a few classes of a data set without copying it. Returns ``dataset``."""
+    order = torch.as_tensor(list(classes), dtype=torch.long)
+    if isinstance(dataset, ArrayDataset):
+        hits = dataset.labels.unsqueeze(1) == order  # (N, K): which of the kept classes each label is
+        keep = hits.any(1)
+        dataset.images, dataset.labels = dataset.images[keep], hits[keep].int().argmax(1)
+    elif isinstance(dataset, datasets.DatasetFolder):
+        new_label = {int(c): i for i, c in enumerate(order)}
+        dataset.samples = [(path, new_label[y]) for path, y in dataset.samples if y in new_label]
+        dataset.targets = [y for _, y in dataset.samples]
+        if isinstance(dataset, datasets.ImageFolder):
+            dataset.imgs = dataset.samples
+        dataset.classes = [dataset.classes[c] for c in new_label]
+        dataset.class_to_idx = {name: i for i, name in enumerate(dataset.classes)}
+    else:
+        raise TypeError(f"keep_classes supports ArrayDataset and ImageFolder, not {type(dataset).__name__}")
+    return dataset

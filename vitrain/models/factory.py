@@ -11,6 +11,7 @@ from vitrain.errors import ConfigError
 from vitrain.models.convert import fetch_timm_weights, load_pretrained
 from vitrain.models.external import create_timm_model, create_torchvision_model
 from vitrain.models.registry import build_registered
+from vitrain.optim import classifier_names
 
 SOURCES = ("vitrain", "timm", "torchvision")
 
@@ -22,6 +23,7 @@ def create_model(
     source: str = "vitrain",
     pretrained: bool = False,
     checkpoint: str | Path | None = None,
+    reset_head: bool = False,
     **overrides: Any,
 ) -> nn.Module:
     """Build ``name`` from ``source`` with a ``num_classes`` head (0: pooled features).
@@ -29,7 +31,8 @@ def create_model(
     ``pretrained``: ImageNet weights from the hub (for vitrain's models, timm's weights of the same
     name, converted). ``checkpoint``: a local file in any layout :mod:`vitrain.models.convert` reads,
     loaded after; position embeddings and Swin bias tables are resampled to ``img_size``, a head of
-    another size is re-initialised. ``overrides`` go to the constructor (``drop_path_rate``, ``depth``, ...).
+    another size is re-initialised, and ``reset_head`` re-initialises it anyway (new classes, same count).
+    ``overrides`` go to the constructor (``drop_path_rate``, ``depth``, ...).
     """
     if source == "vitrain":
         model = build_registered(name, num_classes, img_size, **overrides)
@@ -45,4 +48,16 @@ def create_model(
     model.model_name = name  # named in loading reports and errors
     if checkpoint:
         load_pretrained(model, checkpoint)
+    if reset_head:
+        reset_classifier(model)
     return model
+
+
+def reset_classifier(model: nn.Module) -> None:
+    """Fresh weights for the classifier head(s), keeping their shape."""
+    for name in classifier_names(model):
+        head = model.get_submodule(name)
+        for layer in [head, *head.modules()]:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
