@@ -291,3 +291,16 @@ def test_data_config_keys_reach_build_datasets() -> None:
     assert image.shape == (3, 16, 16) and 0 <= label < 5
     defaults = compose().data
     assert (defaults.auto_augment, defaults.color_jitter, defaults.re_prob, defaults.classes) == (None, 0.0, 0.0, None)
+
+
+def test_train_fraction_keeps_a_stratified_share() -> None:
+    full = build_datasets("digits", 16, MEAN, STD)
+    part = build_datasets("digits", 16, MEAN, STD, train_fraction=0.2)
+    full_counts = np.bincount(full.train.labels.numpy())
+    part_labels = np.array([part.train[i][1] for i in range(len(part.train))])
+    np.testing.assert_array_equal(np.bincount(part_labels), np.round(full_counts * 0.2).astype(int))
+    assert len(part.val) == len(full.val) == 360  # the test set is untouched
+    again = build_datasets("digits", 16, MEAN, STD, train_fraction=0.2)
+    assert part.train.indices == again.train.indices  # the same images every time
+    with pytest.raises(ConfigError, match="data.train_fraction must be in"):
+        build_datasets("digits", 16, MEAN, STD, train_fraction=0.0)

@@ -54,6 +54,7 @@ def test_multirun_sweeps_into_numbered_folders(tmp_path: Path) -> None:
     (["data.batch_size=0"], "error: data.batch_size must be positive"),
     (["optimizer.lr=-1"], "error: optimizer.lr must be positive"),
     (["data=imagefolder"], "error: data.root has no value; set it"),
+    (["distill=hard"], "error: distill.teacher.name has no value; set it"),
     (["data=imagefolder", "data.root=nowhere"], "error: no images under"),
 ])
 def test_bad_input_is_one_line_without_traceback(tmp_path: Path, args: list[str], expected: str) -> None:

@@ -163,3 +163,12 @@ def test_ema_mixup_accumulation_run_end_to_end(tmp_path: Path) -> None:
     assert metrics["steps"] == 11 and "final_top1_ema" in metrics  # 22 full batches of 64 (mixup drops the last)
     last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert last["model_ema"].keys() == last["model"].keys()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_trains(precision: str, tmp_path: Path) -> None:
+    """Autocast in bf16, and fp16 with the grad scaler, run on the CPU too (on CUDA they are the point)."""
+    cfg = compose([*SMOKE, f"trainer.precision={precision}"])
+    metrics = train(cfg, tmp_path)
+    assert metrics["steps"] == 2 and 0 <= metrics["final_top1"] <= 100
+    assert torch.isfinite(torch.tensor(metrics["history"][0]["train_loss"]))

@@ -1,20 +1,130 @@
-"""The training criterion chosen by the ``distill`` config group.
+"""Teacher-student distillation (Touvron et al., 2021, "Training data-efficient image transformers").
 
-``distill=none`` is plain supervised training with :class:`vitrain.losses.ClassificationLoss`.
+The criterion is chosen by the ``distill`` config group and called as ``criterion(inputs, outputs,
+labels)``; the distillation loss runs the teacher on the same (possibly mixed) inputs inside the loss,
+so fine-tuning and distillation share one training loop. With ``z_cls``, ``z_dist`` the student's
+two outputs (a plain model's one output serves as both) and ``z_t`` the teacher's:
+
+    base = CE(z_cls, y)                                  (soft-target CE under mixup/cutmix)
+    hard: kd = CE(z_dist, argmax z_t)
+    soft: kd = KL(softmax(z_t / tau) || softmax(z_dist / tau)) * tau^2
+    loss = (1 - alpha) * base + alpha * kd
+
+The soft KL is summed over classes and divided by the batch size (``reduction="batchmean"``, as timm
+and PyTorch's KLDivLoss recommend), or divided by the number of logits, batch x classes
+(``reduction="numel"``, as DeiT's reference code does: that is the batchmean value / classes).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitrain.errors import ConfigError
 from vitrain.losses import ClassificationLoss
 
-DISTILL_MODES = ("none",)
+DISTILL_MODES = ("none", "hard", "soft")
+REDUCTIONS = ("batchmean", "numel")
 
 
-def build_criterion(mode: str = "none", label_smoothing: float = 0.0) -> nn.Module:
+def soft_distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, tau: float, reduction: str = "batchmean"
+) -> torch.Tensor:
+    """KL(softmax(teacher / tau) || softmax(student / tau)) * tau^2, reduced per ``reduction``."""
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"unknown distill.reduction '{reduction}'; choose one of {', '.join(REDUCTIONS)}")
+    kl = F.kl_div(F.log_softmax(student / tau, dim=1), F.log_softmax(teacher / tau, dim=1),
+                  reduction="sum", log_target=True)
+    return kl * tau * tau / (student.shape[0] if reduction == "batchmean" else student.numel())
+
+
+def hard_distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the student against the teacher's top-1 class."""
+    return F.cross_entropy(student, teacher.argmax(dim=1))
+
+
+class TeacherInputs(nn.Module):
+    """Turn the student's normalised batch into the teacher's: undo the student's normalisation,
+    apply the teacher's, and resize to the teacher's input size (bicubic). Identity when they agree."""
+
+    def __init__(
+        self, student_mean: Sequence[float], student_std: Sequence[float], teacher_mean: Sequence[float] | None = None,
+        teacher_std: Sequence[float] | None = None, size: int | None = None,
+    ) -> None:
+        super().__init__()
+        t_mean, t_std = teacher_mean or student_mean, teacher_std or student_std
+        scale = torch.tensor(student_std) / torch.tensor(t_std)  # x_t = x_s * scale + shift
+        shift = (torch.tensor(student_mean) - torch.tensor(t_mean)) / torch.tensor(t_std)
+        self.register_buffer("scale", scale.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.view(1, -1, 1, 1), persistent=False)
+        self.renormalise = list(t_mean) != list(student_mean) or list(t_std) != list(student_std)
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.renormalise:
+            x = x * self.scale + self.shift
+        if self.size and x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
+        return x
+
+
+class DistillationLoss(nn.Module):
+    """DeiT's loss: the student's base loss plus a hard or soft distillation term from a frozen teacher.
+
+    The teacher runs in eval mode under ``no_grad`` (and the trainer's autocast); its parameters
+    never change. ``teacher_seconds`` accumulates the teacher's forward time, for its share of a step.
+    """
+
+    def __init__(
+        self, base: nn.Module, teacher: nn.Module, mode: str = "hard", alpha: float = 0.5, tau: float = 1.0,
+        reduction: str = "batchmean", teacher_inputs: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in ("hard", "soft"):
+            raise ConfigError(f"unknown distillation mode '{mode}' (distill.name); choose one of {DISTILL_MODES}")
+        if not 0 <= alpha <= 1 or tau <= 0:
+            raise ConfigError(f"distill.alpha must be in [0, 1] and distill.tau positive, got {alpha} and {tau}")
+        self.base, self.mode, self.alpha, self.tau, self.reduction = base, mode, alpha, tau, reduction
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher_inputs = teacher_inputs or nn.Identity()
+        self.teacher_seconds = 0.0
+
+    def train(self, mode: bool = True) -> DistillationLoss:
+        super().train(mode)
+        self.teacher.eval()  # the teacher stays in inference mode (dropout, batch norm statistics)
+        return self
+
+    def forward(
+        self, inputs: torch.Tensor, outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor
+    ) -> torch.Tensor:
+        z_cls, z_dist = outputs if isinstance(outputs, tuple) else (outputs, outputs)
+        base = self.base(inputs, z_cls, labels)
+        start = time.perf_counter()
+        with torch.no_grad():
+            z_t = self.teacher(self.teacher_inputs(inputs)).float()
+        if z_t.is_cuda:
+            torch.cuda.current_stream().synchronize()  # honest timing; costs little next to the forward
+        self.teacher_seconds += time.perf_counter() - start
+        z_dist = z_dist.float()
+        if self.mode == "hard":
+            kd = hard_distillation_loss(z_dist, z_t)
+        else:
+            kd = soft_distillation_loss(z_dist, z_t, self.tau, self.reduction)
+        return (1 - self.alpha) * base + self.alpha * kd
+
+
+def build_criterion(
+    mode: str = "none", label_smoothing: float = 0.0, teacher: nn.Module | None = None, alpha: float = 0.5,
+    tau: float = 1.0, reduction: str = "batchmean", teacher_inputs: nn.Module | None = None,
+) -> nn.Module:
     """The loss for ``distill.name``: called as ``criterion(inputs, outputs, labels)``."""
-    if mode != "none":
-        raise ConfigError(f"unknown distillation mode '{mode}' (distill.name); choose one of {DISTILL_MODES}")
-    return ClassificationLoss(label_smoothing)
+    base = ClassificationLoss(label_smoothing)
+    if mode == "none":
+        return base
+    if teacher is None:
+        raise ConfigError(f"distill={mode} needs a teacher: set distill.teacher.name (and its checkpoint)")
+    return DistillationLoss(base, teacher, mode, alpha, tau, reduction, teacher_inputs)

@@ -23,7 +23,7 @@ from timm.data import Mixup
 
 from vitrain.config import CONFIG_DIR
 from vitrain.data import DataSplits, build_datasets, build_loaders
-from vitrain.distill import build_criterion
+from vitrain.distill import TeacherInputs, build_criterion
 from vitrain.errors import VitrainError
 from vitrain.models import create_model
 from vitrain.optim import build_optimizer, build_scheduler, set_backbone_trainable
@@ -51,6 +51,21 @@ def build_model(m: DictConfig, num_classes: int) -> torch.nn.Module:
                         drop_rate=m.drop_rate, drop_path_rate=m.drop_path, **extra)
 
 
+def build_distillation(dist: DictConfig, t: DictConfig, d: DictConfig, img_size: int, num_classes: int,
+                       device: torch.device) -> torch.nn.Module:
+    """The criterion of the ``distill`` group; for hard/soft, the frozen teacher with its input adapter."""
+    if dist.name == "none":
+        return build_criterion("none", t.label_smoothing)
+    spec = dist.teacher
+    teacher = create_model(spec.name, num_classes=num_classes, img_size=spec.img_size or img_size,
+                           source=spec.source, pretrained=spec.pretrained, checkpoint=spec.checkpoint)
+    if not (spec.checkpoint or spec.pretrained):
+        log.warning("the teacher %s has random weights: set distill.teacher.checkpoint=PATH", spec.name)
+    adapter = TeacherInputs(d.mean, d.std, spec.mean, spec.std, spec.img_size)
+    return build_criterion(dist.name, t.label_smoothing, teacher.to(device), dist.alpha, dist.tau,
+                           dist.reduction, adapter)
+
+
 def build_mixup(t: DictConfig, num_classes: int) -> Mixup | None:
     """timm's batch mixup/cutmix (soft targets, label smoothing folded in), or None when both are off."""
     if not (t.mixup > 0 or t.cutmix > 0):
@@ -65,7 +80,7 @@ def build_data(d: DictConfig, img_size: int) -> DataSplits:
         d.name, img_size, d.mean, d.std, root=d.root, download=d.download, crop_padding=d.crop_padding,
         hflip=d.hflip, interpolation=d.interpolation, test_fraction=d.get("test_fraction", 0.2),
         split_seed=d.get("split_seed", 0), auto_augment=d.auto_augment, color_jitter=d.color_jitter,
-        re_prob=d.re_prob, classes=d.classes,
+        re_prob=d.re_prob, classes=d.classes, train_fraction=d.get("train_fraction", 1.0),
     )
 
 
@@ -97,7 +112,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         splits, d.batch_size, d.num_workers, seed=cfg.seed, pin_memory=torch.cuda.is_available(),
         drop_last=mixup is not None,
     )
-    model = build_model(m, splits.num_classes).to(resolve_device(t.device))
+    device = resolve_device(t.device)
+    model = build_model(m, splits.num_classes).to(device)
+    criterion = build_distillation(cfg.distill, t, d, m.img_size, splits.num_classes, device)
     if o.freeze_backbone:
         set_backbone_trainable(model, False)
     steps_per_epoch = math.ceil(len(train_loader) / t.accum_steps)
@@ -107,7 +124,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
              m.name, sum(p.numel() for p in model.parameters()) / 1e6, d.name,
              len(splits.train), len(splits.val), splits.num_classes)
     trainer = Trainer(
-        model, optimizer, scheduler, build_criterion(cfg.distill.name, t.label_smoothing),
+        model, optimizer, scheduler, criterion,
         train_loader, val_loader, run_dir, epochs=t.epochs, device=t.device, precision=t.precision,
         grad_clip=t.grad_clip, log_every=t.log_every, progress=t.progress, accum_steps=t.accum_steps,
         ema_decay=t.ema_decay if t.ema else None, mixup_fn=mixup,

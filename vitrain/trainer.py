@@ -110,7 +110,7 @@ class Trainer:
             if epoch == self.unfreeze_at_epoch:
                 set_backbone_trainable(self.model, True)
                 log.info("epoch %d: backbone unfrozen", epoch + 1)
-            t0 = time.perf_counter()
+            t0, teacher0 = time.perf_counter(), getattr(self.criterion, "teacher_seconds", None)
             train_loss, seen = self.train_one_epoch(epoch)
             epoch_time = time.perf_counter() - t0
             train_time, train_images = train_time + epoch_time, train_images + seen
@@ -119,6 +119,8 @@ class Trainer:
                             "val_top1": val["top1"], "images_per_sec": seen / epoch_time})
             if self.ema is not None:
                 history[-1]["val_top1_ema"] = self.evaluate(self.ema.module)["top1"]
+            if teacher0 is not None:  # what the teacher's forward passes cost of the training time
+                history[-1]["teacher_time_share"] = (self.criterion.teacher_seconds - teacher0) / epoch_time
             self._log_epoch(history[-1])
             self._save(epoch + 1, val)
         metrics = {
@@ -223,10 +225,14 @@ class Trainer:
         self.writer.add_scalar("train/images_per_sec", row["images_per_sec"], step)
         self.writer.add_scalar("val/loss", row["val_loss"], step)
         self.writer.add_scalar("val/top1", row["val_top1"], step)
+        for key in ("val_top1_ema", "teacher_time_share"):
+            if key in row:
+                self.writer.add_scalar(f"{key.split('_', 1)[0]}/{key.split('_', 1)[1]}", row[key], step)
         self.writer.flush()
-        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_top1 %.2f%%  %.0f img/s",
+        extra = "".join(f"  {k} {row[k]:.3g}" for k in ("val_top1_ema", "teacher_time_share") if k in row)
+        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_top1 %.2f%%  %.0f img/s%s",
                  row["epoch"], self.epochs, row["train_loss"], row["val_loss"], row["val_top1"],
-                 row["images_per_sec"])
+                 row["images_per_sec"], extra)
 
     def _save(self, epoch: int, val: dict[str, float]) -> None:
         is_best = val["top1"] > self.best_top1

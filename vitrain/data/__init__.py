@@ -9,7 +9,7 @@ from numbers import Integral
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from vitrain.data.datasets import keep_classes, load_cifar, load_digits, load_imagefolder
 from vitrain.data.transforms import build_transforms
@@ -46,9 +46,11 @@ def build_datasets(
     color_jitter: float = 0.0,
     re_prob: float = 0.0,
     classes: Sequence[int] | None = None,
+    train_fraction: float = 1.0,
 ) -> DataSplits:
-    """Load a data set by name, optionally keep only ``classes`` (relabelled 0..k-1 in the given order),
-    and attach the train transform (with the DeiT augmentations asked for) and the eval transform."""
+    """Load a data set by name, optionally keep only ``classes`` (relabelled 0..k-1 in the given order)
+    and a stratified ``train_fraction`` of the training images (seeded by ``split_seed``), and attach
+    the train transform (with the DeiT augmentations asked for) and the eval transform."""
     if name == "digits":
         train, val, names = load_digits(test_fraction, split_seed)
     elif name in ("cifar10", "cifar100"):
@@ -63,12 +65,29 @@ def build_datasets(
             if len(keep_classes(dataset, chosen)) == 0:
                 raise DataError(f"{name} has no {split} images of data.classes={chosen}; pick classes it has")
         names = [names[c] for c in chosen]
-    train.transform = build_transforms(
+    if not 0 < train_fraction <= 1:
+        raise ConfigError(f"data.train_fraction must be in (0, 1], got {train_fraction}")
+    if train_fraction < 1:
+        train = _stratified_subset(train, train_fraction, split_seed)
+    train_set = train.dataset if isinstance(train, Subset) else train
+    train_set.transform = build_transforms(
         img_size, mean, std, True, crop_padding, hflip, interpolation,
         auto_augment=auto_augment, color_jitter=color_jitter, re_prob=re_prob,
     )
     val.transform = build_transforms(img_size, mean, std, False, interpolation=interpolation)
     return DataSplits(train, val, names)
+
+
+def _stratified_subset(dataset: Dataset, fraction: float, seed: int) -> Subset:
+    """The same ``fraction`` of every class (at least one image each), chosen by a seeded permutation."""
+    labels = torch.as_tensor(dataset.labels if hasattr(dataset, "labels") else dataset.targets)
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in labels.unique():
+        members = torch.nonzero(labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        keep.append(members[: max(1, round(fraction * len(members)))])
+    return Subset(dataset, torch.cat(keep).sort().values.tolist())
 
 
 def _check_classes(classes: Sequence[int], name: str, num_classes: int) -> list[int]:

@@ -123,3 +123,9 @@ def deit_base_distilled_patch16_224(**kwargs: Any) -> DistilledVisionTransformer
 @register_model
 def deit_base_distilled_patch16_384(**kwargs: Any) -> DistilledVisionTransformer:
     return _distilled({**_BASE, "img_size": 384}, **kwargs)
+
+
+# Small-image variant: vit_nano_patch4_16 with a distillation token, for distillation on digits on a CPU.
+@register_model
+def deit_nano_distilled_patch4_16(**kwargs: Any) -> DistilledVisionTransformer:
+    return _distilled(dict(img_size=16, patch_size=4, embed_dim=64, depth=6, num_heads=4), **kwargs)
