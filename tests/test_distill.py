@@ -136,3 +136,9 @@ def test_teacher_weights_are_bit_identical_after_training_steps(teacher_run: Pat
     assert not teacher.training and all(p.grad is None for p in teacher.parameters())
     for key, value in teacher.state_dict().items():  # batch-norm statistics included
         assert torch.equal(value, before[key]), key
+
+
+def test_teacher_of_another_class_count_is_refused(teacher_run: Path, tmp_path: Path) -> None:
+    cfg = compose(["experiment=digits_distill", f"distill.teacher.checkpoint={teacher_run}", "data.classes=[0,1,2]"])
+    with pytest.raises(ConfigError, match="teacher checkpoint .* another number of classes than the student's data"):
+        train(cfg, tmp_path)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,51 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise VitrainError(f"checkpoint {path} does not exist; check the path")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns before refusing; the error below says it all
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise VitrainError(f"cannot load checkpoint {path}: {_first_line(e)}; the file is corrupt") from e
+        raise VitrainError(
+            f"cannot load checkpoint {path}: refused, it holds Python objects beyond tensors, which could run "
+            f"code when unpickled; nothing was executed. Use a file of tensors (state dict or safetensors)"
+        ) from e
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VitrainError(f"cannot load checkpoint {path}: {first[:200]}") from e
+        raise VitrainError(f"cannot load checkpoint {path}: {_first_line(e)}; the file is corrupt or truncated") from e
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def rng_state() -> dict[str, Any]:
+    """The random number generators' states (Python, NumPy, torch CPU and CUDA) as tensors and plain
+    values, so that a weights-only load can restore them."""
+    import random
+
+    import numpy as np
+
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": {"key": torch.from_numpy(key.astype("int64")), "pos": int(pos),
+                                                    "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -21,13 +21,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from timm.data import Mixup
 
+from vitrain.checkpoint import load_checkpoint
 from vitrain.config import CONFIG_DIR
 from vitrain.data import DataSplits, build_datasets, build_loaders
 from vitrain.distill import TeacherInputs, build_criterion
-from vitrain.errors import VitrainError
+from vitrain.errors import ConfigError, VitrainError
 from vitrain.models import create_model
+from vitrain.models.convert import load_pretrained
 from vitrain.optim import build_optimizer, build_scheduler, set_backbone_trainable
-from vitrain.trainer import Trainer, resolve_device
+from vitrain.trainer import Preempted, Trainer, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,10 @@ def build_distillation(dist: DictConfig, t: DictConfig, d: DictConfig, img_size:
         return build_criterion("none", t.label_smoothing)
     spec = dist.teacher
     teacher = create_model(spec.name, num_classes=num_classes, img_size=spec.img_size or img_size,
-                           source=spec.source, pretrained=spec.pretrained, checkpoint=spec.checkpoint)
+                           source=spec.source, pretrained=spec.pretrained)
+    if spec.checkpoint and load_pretrained(teacher, spec.checkpoint).reinitialized:
+        raise ConfigError(f"the teacher checkpoint {spec.checkpoint} has a classifier for another number of "
+                          f"classes than the student's data ({num_classes}); give a teacher trained on these classes")
     if not (spec.checkpoint or spec.pretrained):
         log.warning("the teacher %s has random weights: set distill.teacher.checkpoint=PATH", spec.name)
     adapter = TeacherInputs(d.mean, d.std, spec.mean, spec.std, spec.img_size)
@@ -101,9 +106,34 @@ def build_optimization(
     return optimizer, scheduler
 
 
+def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+    """``trainer.resume``: null (start fresh), ``auto`` (this run folder's last.pt, if any) or a path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        last = run_dir / "checkpoints" / "last.pt"
+        return last if last.is_file() else None
+    if not Path(resume).is_file():
+        raise ConfigError(f"trainer.resume={resume}: no such file; give a last.pt, or trainer.resume=auto")
+    return Path(resume)
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail before any training when the run folder cannot be written."""
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = run_dir / "checkpoints" / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise VitrainError(f"cannot write to the run folder {run_dir} ({e.strerror}); set hydra.run.dir to a "
+                           f"writable folder") from e
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run one training job described by ``cfg`` and write its outputs to ``run_dir``."""
     run_dir = Path(run_dir)
+    check_writable(run_dir)
     seed_everything(cfg.seed)
     d, m, o, t = cfg.data, cfg.model, cfg.optimizer, cfg.trainer
     splits = build_data(d, m.img_size)
@@ -129,9 +159,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         grad_clip=t.grad_clip, log_every=t.log_every, progress=t.progress, accum_steps=t.accum_steps,
         ema_decay=t.ema_decay if t.ema else None, mixup_fn=mixup,
         unfreeze_at_epoch=o.unfreeze_after_epochs if o.freeze_backbone else None,
+        checkpoint_every_steps=t.checkpoint_every_steps, keep_last=t.keep_last, skip_nonfinite=t.skip_nonfinite,
         checkpoint_extra={"config": OmegaConf.to_container(cfg, resolve=True),
                           "class_names": splits.class_names, "model_name": m.name, "model_source": m.source},
     )
+    resume_from = find_resume_checkpoint(t.resume, run_dir)
+    if resume_from is not None:
+        trainer.load_state_dict(load_checkpoint(resume_from, map_location=device))
+        log.info("resumed from %s at epoch %d, step %d", resume_from, trainer.epoch + 1, trainer.step)
     log.info("training on %s for %d epochs (%d steps); writing to %s",
              trainer.device, t.epochs, t.epochs * steps_per_epoch, run_dir)
     metrics = trainer.fit()
@@ -143,16 +178,34 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point; returns the final top-1 so that sweepers can optimise it."""
+    """Hydra entry point; returns the final top-1 so that sweepers can optimise it.
+
+    Exit codes: 1 for a user error (one line on stderr), 143 after SIGTERM and 130 after SIGINT
+    (the checkpoint is written first, and the command to resume is printed).
+    """
+    run_dir = HydraConfig.get().runtime.output_dir
     try:
-        return train(cfg, HydraConfig.get().runtime.output_dir)["final_top1"]
+        return train(cfg, run_dir)["final_top1"]
+    except Preempted as e:
+        overrides = " ".join(o for o in HydraConfig.get().overrides.task if not o.startswith("trainer.resume="))
+        print(f"{e}\nresume with: python -m vitrain.train {overrides} hydra.run.dir={run_dir} trainer.resume=auto",
+              file=sys.stderr)
+        sys.exit(128 + e.signum)
     except (VitrainError, MissingMandatoryValue) as e:
         if cfg.trainer.get("debug") or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         if isinstance(e, MissingMandatoryValue):
             e = VitrainError(f"{e.full_key} has no value; set it on the command line ({e.full_key}=...)")
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
+
+
+def one_line(error: Exception) -> str:
+    """The message itself, also when a data loader worker wrapped it in a traceback."""
+    text = str(error).strip()
+    if "Traceback" in text:  # "Caught DataError in DataLoader worker ...": keep the original message
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 if __name__ == "__main__":

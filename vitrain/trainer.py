@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,13 +25,25 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from vitrain import __version__
-from vitrain.checkpoint import save_checkpoint
-from vitrain.errors import ConfigError
+from vitrain.checkpoint import rng_state, save_checkpoint, set_rng_state
+from vitrain.errors import ConfigError, VitrainError
 from vitrain.optim import set_backbone_trainable
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGINT arrived: the step finished, a checkpoint was written, the run should exit."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+class NonFiniteLoss(VitrainError):
+    """The loss became NaN or infinite; nothing was stepped or saved from it."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -74,6 +88,9 @@ class Trainer:
         ema_decay: float | None = None,
         mixup_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
         unfreeze_at_epoch: int | None = None,
+        checkpoint_every_steps: int | None = None,
+        keep_last: int = 1,
+        skip_nonfinite: bool = False,
     ) -> None:
         if epochs <= 0:
             raise ConfigError(f"trainer.epochs must be positive, got {epochs}")
@@ -93,9 +110,16 @@ class Trainer:
         self.accum_steps, self.mixup_fn, self.unfreeze_at_epoch = accum_steps, mixup_fn, unfreeze_at_epoch
         # timm's EMA of the weights, evaluated and saved beside them
         self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay else None
+        self.checkpoint_every_steps, self.keep_last = checkpoint_every_steps, keep_last
+        self.skip_nonfinite = skip_nonfinite
+        self.ckpt_dir = self.run_dir / "checkpoints"
         self.writer = SummaryWriter(str(self.run_dir / "tb"))
-        self.step = 0
-        self.best_top1 = float("-inf")
+        # where training stands: all of it goes into every checkpoint, so a run can continue exactly
+        self.epoch, self.batch_in_epoch, self.step, self.best_top1 = 0, 0, 0, float("-inf")
+        self.history: list[dict[str, float]] = []
+        self.train_time, self.train_images, self.skipped = 0.0, 0, 0
+        self._resumed_rng: dict[str, Any] | None = None
+        self._stop_signal: int | None = None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -103,41 +127,68 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def fit(self) -> dict[str, Any]:
-        """Train, evaluate after every epoch, checkpoint; return (and write) the final metrics."""
+        """Train (from where a resumed checkpoint stopped), evaluate after every epoch, checkpoint;
+        return (and write) the final metrics. SIGTERM/SIGINT end the current step, save, and raise
+        :class:`Preempted`."""
         start = time.perf_counter()
-        train_time, train_images, history = 0.0, 0, []
-        for epoch in range(self.epochs):
-            if epoch == self.unfreeze_at_epoch:
-                set_backbone_trainable(self.model, True)
-                log.info("epoch %d: backbone unfrozen", epoch + 1)
-            t0, teacher0 = time.perf_counter(), getattr(self.criterion, "teacher_seconds", None)
-            train_loss, seen = self.train_one_epoch(epoch)
-            epoch_time = time.perf_counter() - t0
-            train_time, train_images = train_time + epoch_time, train_images + seen
-            val = self.evaluate()
-            history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
-                            "val_top1": val["top1"], "images_per_sec": seen / epoch_time})
-            if self.ema is not None:
-                history[-1]["val_top1_ema"] = self.evaluate(self.ema.module)["top1"]
-            if teacher0 is not None:  # what the teacher's forward passes cost of the training time
-                history[-1]["teacher_time_share"] = (self.criterion.teacher_seconds - teacher0) / epoch_time
-            self._log_epoch(history[-1])
-            self._save(epoch + 1, val)
+        with self._catch_stop_signals():
+            for epoch in range(self.epoch, self.epochs):
+                self.epoch = epoch
+                self._run_epoch(epoch)
         metrics = {
             "best_top1": self.best_top1,
-            "final_top1": history[-1]["val_top1"],
-            "final_val_loss": history[-1]["val_loss"],
+            "final_top1": self.history[-1]["val_top1"],
+            "final_val_loss": self.history[-1]["val_loss"],
             "epochs": self.epochs,
             "steps": self.step,
-            "train_images_per_sec": train_images / train_time,
+            "train_images_per_sec": self.train_images / max(self.train_time, 1e-9),
             "wall_time_sec": time.perf_counter() - start,
-            "history": history,
+            "skipped_nonfinite": self.skipped,
+            "history": self.history,
         }
         if self.ema is not None:
-            metrics["final_top1_ema"] = history[-1]["val_top1_ema"]
+            metrics["final_top1_ema"] = self.history[-1]["val_top1_ema"]
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         self.writer.close()
         return metrics
+
+    def _run_epoch(self, epoch: int) -> None:
+        if self.unfreeze_at_epoch is not None and epoch >= self.unfreeze_at_epoch:
+            set_backbone_trainable(self.model, True)
+        t0, teacher0 = time.perf_counter(), getattr(self.criterion, "teacher_seconds", None)
+        train_loss, seen = self.train_one_epoch(epoch)
+        epoch_time = time.perf_counter() - t0
+        self.train_time, self.train_images = self.train_time + epoch_time, self.train_images + seen
+        val = self.evaluate()
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"], "val_top1": val["top1"],
+               "images_per_sec": seen / epoch_time}
+        if self.ema is not None:
+            row["val_top1_ema"] = self.evaluate(self.ema.module)["top1"]
+        if teacher0 is not None:  # what the teacher's forward passes cost of the training time
+            row["teacher_time_share"] = (self.criterion.teacher_seconds - teacher0) / epoch_time
+        self.history.append(row)
+        self._log_epoch(row)
+        self.epoch, self.batch_in_epoch = epoch + 1, 0
+        self._save(val)
+
+    @contextlib.contextmanager
+    def _catch_stop_signals(self) -> Any:
+        """While training, SIGTERM and SIGINT only set a flag that the loop checks after each step."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def request_stop(signum: int, frame: Any) -> None:
+            self._stop_signal = signum
+
+        for s in previous:
+            signal.signal(s, request_stop)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     def train_one_epoch(self, epoch: int) -> tuple[float, int]:
         """One pass over the training set; returns (mean train loss, images seen).
@@ -148,10 +199,18 @@ class Trainer:
         self.model.train()
         epoch_loss = torch.zeros((), device=self.device)
         window_loss, window_batches, seen = torch.zeros((), device=self.device), 0, 0
+        first = self.batch_in_epoch  # > 0 when resuming inside this epoch
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch, start=first * self.train_loader.batch_size)
+        batches = first + len(self.train_loader)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.progress,
-                   leave=False, dynamic_ncols=True)
+                   leave=False, dynamic_ncols=True, initial=first, total=batches)
+        if self._resumed_rng is not None:  # the generators as they were after the saved step
+            set_rng_state(self._resumed_rng)
+            self._resumed_rng = None
         self.optimizer.zero_grad(set_to_none=True)
-        for i, (images, labels) in enumerate(bar):
+        for i, (images, labels) in enumerate(bar, start=first):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             if self.mixup_fn is not None:
@@ -159,20 +218,52 @@ class Trainer:
             with self._autocast():
                 outputs = self.model(images)
                 loss = self.criterion(images, outputs, labels)
+            if not self._loss_is_finite(loss, epoch, i):
+                continue
             self.scaler.scale(loss / self.accum_steps).backward()
             seen += labels.shape[0]
-            window_loss += loss.detach().float()  # summed on the device: no host sync per step
+            window_loss += loss.detach().float()  # summed on the device
             window_batches += 1
-            if (i + 1) % self.accum_steps and i + 1 < len(self.train_loader):
+            if (i + 1) % self.accum_steps and i + 1 < batches:
                 continue  # keep accumulating gradients
             self._optimizer_step()
+            self.batch_in_epoch = i + 1
             if self.step % self.log_every == 0:
                 epoch_loss += window_loss
-                self._log_step(bar, (window_loss / window_batches).item())
+                self._log_step(bar, (window_loss / max(1, window_batches)).item())
                 window_loss.zero_()
                 window_batches = 0
+            self._checkpoint_mid_epoch()
         epoch_loss += window_loss
-        return epoch_loss.item() / max(1, len(self.train_loader)), seen
+        return epoch_loss.item() / max(1, batches - first), seen
+
+    def _loss_is_finite(self, loss: torch.Tensor, epoch: int, batch: int) -> bool:
+        """Stop at a NaN/inf loss before it reaches the weights, or skip the batch if asked to.
+        (One host sync per step: cheap next to a silent divergence.)"""
+        if torch.isfinite(loss).item():
+            return True
+        if self.skip_nonfinite:
+            self.skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self.writer.add_scalar("train/skipped_nonfinite", self.skipped, self.step)
+            log.warning("non-finite loss at epoch %d batch %d: batch skipped (%d so far)", epoch + 1, batch + 1,
+                        self.skipped)
+            return False
+        last = self.ckpt_dir / "last.pt"
+        raise NonFiniteLoss(
+            f"the loss is {loss.item()} at step {self.step + 1} (epoch {epoch + 1}, batch {batch + 1}); "
+            f"last good checkpoint: {last if last.exists() else 'none yet'}; lower optimizer.lr, set "
+            f"trainer.grad_clip, or trainer.skip_nonfinite=true to skip such batches"
+        )
+
+    def _checkpoint_mid_epoch(self) -> None:
+        """Every ``checkpoint_every_steps`` steps, and when a stop signal came: save where we are."""
+        every = self.checkpoint_every_steps
+        if self._stop_signal is None and not (every and self.step % every == 0):
+            return
+        path = self._save()
+        if self._stop_signal is not None:
+            raise Preempted(self._stop_signal, self.step, path)
 
     def _optimizer_step(self) -> None:
         """Clip, step (through the fp16 grad scaler when on), clear gradients, schedule, update the EMA."""
@@ -234,16 +325,44 @@ class Trainer:
                  row["epoch"], self.epochs, row["train_loss"], row["val_loss"], row["val_top1"],
                  row["images_per_sec"], extra)
 
-    def _save(self, epoch: int, val: dict[str, float]) -> None:
-        is_best = val["top1"] > self.best_top1
-        self.best_top1 = max(self.best_top1, val["top1"])
-        state = {"model": self.model.state_dict(), "epoch": epoch, "step": self.step, "val": val,
-                 "best_top1": self.best_top1, "vitrain_version": __version__, **self.checkpoint_extra}
-        ckpt_dir = self.run_dir / "checkpoints"
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: weights, optimizer, schedule, scaler, EMA, position
+        (epoch, batch within it, step), history and the random generators."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
+                 "best_top1": self.best_top1, "history": self.history, "train_time": self.train_time,
+                 "train_images": self.train_images, "skipped_nonfinite": self.skipped, "rng": rng_state(),
+                 "vitrain_version": __version__, **self.checkpoint_extra}
         if self.ema is not None:
             state["model_ema"] = self.ema.module.state_dict()
-        if is_best:  # weights for inference and fine-tuning: no optimizer state
-            save_checkpoint(state, ckpt_dir / "best.pt")
-        state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                     scaler=self.scaler.state_dict())
-        save_checkpoint(state, ckpt_dir / "last.pt")
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by :meth:`state_dict`."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and "model_ema" in state:
+            self.ema.module.load_state_dict(state["model_ema"])
+        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.best_top1, self.history = state["best_top1"], list(state["history"])
+        self.train_time, self.train_images = state["train_time"], state["train_images"]
+        self.skipped = state.get("skipped_nonfinite", 0)
+        self._resumed_rng = state["rng"]
+
+    def _save(self, val: dict[str, float] | None = None) -> Path:
+        """Write ``last.pt`` (and ``best.pt`` when ``val`` is a new best); with ``keep_last`` > 1, also
+        keep that many numbered checkpoints. Returns the path written."""
+        state = self.state_dict()
+        if val is not None and val["top1"] > self.best_top1:
+            self.best_top1 = state["best_top1"] = val["top1"]
+            weights = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "scaler", "rng")}
+            save_checkpoint({**weights, "val": val}, self.ckpt_dir / "best.pt")  # for inference, fine-tuning
+        last = save_checkpoint(state, self.ckpt_dir / "last.pt")
+        if self.keep_last > 1:
+            save_checkpoint(state, self.ckpt_dir / f"step_{self.step:08d}.pt")
+            for old in sorted(self.ckpt_dir.glob("step_*.pt"))[: -self.keep_last]:
+                old.unlink()
+        return last

@@ -3,13 +3,13 @@ transformed train/val sets."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from vitrain.data.datasets import keep_classes, load_cifar, load_digits, load_imagefolder
 from vitrain.data.transforms import build_transforms
@@ -113,6 +113,25 @@ def _need_root(name: str, root: str | Path | None) -> str | Path:
     return root
 
 
+class EpochSampler(Sampler[int]):
+    """A shuffled order that depends only on (seed, epoch), and can start part-way through an epoch:
+    a resumed run sees the same remaining batches, in the same order, as a run that never stopped."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Order of ``epoch``, skipping its first ``start`` indices."""
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        return iter(order[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.size - self.start
+
+
 def build_loaders(
     splits: DataSplits,
     batch_size: int,
@@ -121,13 +140,13 @@ def build_loaders(
     pin_memory: bool = False,
     drop_last: bool = False,
 ) -> tuple[DataLoader, DataLoader]:
-    """Shuffled train loader (order fixed by ``seed``; ``drop_last`` drops a short last batch) and an
-    ordered val loader."""
+    """Shuffled train loader (an :class:`EpochSampler`; ``drop_last`` drops a short last batch) and an
+    ordered val loader. Each has its own generator, so making an iterator leaves the global RNG alone."""
     if batch_size <= 0:
         raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                   persistent_workers=num_workers > 0)
-    train = DataLoader(splits.train, shuffle=True, generator=torch.Generator().manual_seed(seed),
-                       drop_last=drop_last, **common)
-    val = DataLoader(splits.val, shuffle=False, **common)
+    train = DataLoader(splits.train, sampler=EpochSampler(len(splits.train), seed),
+                       generator=torch.Generator().manual_seed(seed), drop_last=drop_last, **common)
+    val = DataLoader(splits.val, shuffle=False, generator=torch.Generator().manual_seed(seed), **common)
     return train, val

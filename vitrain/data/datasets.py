@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 
@@ -109,13 +110,22 @@ def _read_batches(folder: Path, files: list[str]) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(data).transpose(0, 2, 3, 1), np.asarray(labels)  # (N, 32, 32, 3)
 
 
+def _open_rgb(path: str) -> Image.Image:
+    """ImageFolder's loader, with a one-line error naming the file that cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read image {path} ({type(e).__name__}); remove or replace the file") from e
+
+
 def load_imagefolder(root: str | Path) -> tuple[Dataset, Dataset, list[str]]:
     """A user's images as ``<root>/train/<class>/*`` and ``<root>/val/<class>/*`` (torchvision ImageFolder)."""
     root = Path(root).expanduser().resolve()
     splits = {}
     for split in ("train", "val"):
         try:
-            splits[split] = datasets.ImageFolder(str(root / split))
+            splits[split] = datasets.ImageFolder(str(root / split), loader=_open_rgb)
         except (FileNotFoundError, OSError) as e:
             raise DataError(
                 f"no images under {root / split} (data.root={root}); expected "
