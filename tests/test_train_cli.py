@@ -114,6 +114,14 @@ def test_bad_input_is_one_line_without_traceback(tmp_path: Path, args: list[str]
     assert not Path(bad_files["pwned"]).exists()  # the malicious pickle ran nothing
 
 
+def test_unwritable_output_folder_fails_before_training(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("")
+    result = run_cli([f"hydra.run.dir={tmp_path}/a_file/run"], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: cannot write to {tmp_path}/a_file/run (Not a directory); "
+                                     f"set hydra.run.dir to a writable folder")
+
+
 def test_unknown_config_key_is_refused_by_hydra_without_traceback(tmp_path: Path) -> None:
     result = run_cli(["trainer.epoch=3"], tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr

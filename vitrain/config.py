@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from vitrain.errors import VitrainError
 
 _PACKAGED = Path(__file__).resolve().parent / "configs"  # inside an installed wheel
 _SOURCE = Path(__file__).resolve().parent.parent / "configs"  # in a source checkout
@@ -19,3 +24,33 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def ensure_writable(path: str | Path, key: str) -> None:
+    """Create ``path`` and write a probe file in it, or raise a one-line error naming ``key``."""
+    import tempfile
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise VitrainError(f"cannot write to {path} ({e.strerror}); set {key} to a writable folder") from e
+
+
+class CheckOutputFolder(Callback):
+    """Hydra callback: the run (or sweep) folder must be writable before the job starts."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(path: str, key: str) -> None:
+        try:
+            ensure_writable(path, key)
+        except VitrainError as e:  # Hydra would print a traceback: one line, and stop
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)

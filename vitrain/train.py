@@ -22,7 +22,7 @@ from omegaconf.errors import MissingMandatoryValue
 from timm.data import Mixup
 
 from vitrain.checkpoint import load_checkpoint
-from vitrain.config import CONFIG_DIR
+from vitrain.config import CONFIG_DIR, ensure_writable
 from vitrain.data import DataSplits, build_datasets, build_loaders
 from vitrain.distill import TeacherInputs, build_criterion
 from vitrain.errors import ConfigError, VitrainError
@@ -118,22 +118,10 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     return Path(resume)
 
 
-def check_writable(run_dir: Path) -> None:
-    """Fail before any training when the run folder cannot be written."""
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = run_dir / "checkpoints" / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise VitrainError(f"cannot write to the run folder {run_dir} ({e.strerror}); set hydra.run.dir to a "
-                           f"writable folder") from e
-
-
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run one training job described by ``cfg`` and write its outputs to ``run_dir``."""
     run_dir = Path(run_dir)
-    check_writable(run_dir)
+    ensure_writable(run_dir / "checkpoints", "hydra.run.dir")
     seed_everything(cfg.seed)
     d, m, o, t = cfg.data, cfg.model, cfg.optimizer, cfg.trainer
     splits = build_data(d, m.img_size)
