@@ -14,6 +14,7 @@ only to skip the start-up of many processes.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import time
@@ -32,23 +33,31 @@ def run(overrides: list[str], out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.2])
+    parser.add_argument("--settings", nargs="+", default=["1.0:40", "0.2:40"],
+                        help="FRACTION:EPOCHS of each setting (training images kept, epochs of every arm)")
+    parser.add_argument("--teacher", type=Path, help="reuse this digits_teacher best.pt instead of training one")
     parser.add_argument("--out", type=Path, default=Path("outputs/distill_digits"))
     parser.add_argument("--doc", type=Path, default=Path("docs/distillation.md"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
-    teacher = run(["experiment=digits_teacher", "seed=0"], args.out / "teacher")
-    checkpoint = args.out / "teacher" / "checkpoints" / "best.pt"
-    top1: dict[tuple[float, str], list[float]] = {}
+    if args.teacher:
+        checkpoint = args.teacher
+        teacher = json.loads((checkpoint.parent.parent / "metrics.json").read_text())
+    else:
+        teacher = run(["experiment=digits_teacher", "seed=0"], args.out / "teacher")
+        checkpoint = args.out / "teacher" / "checkpoints" / "best.pt"
+    args.settings = [(float(f), int(e)) for f, e in (s.split(":") for s in args.settings)]
+    top1: dict[tuple[float, int, str], list[float]] = {}
     share: list[float] = []
-    for fraction in args.fractions:
+    for fraction, epochs in args.settings:
         for seed in args.seeds:
             for mode in MODES:
                 metrics = run(["experiment=digits_distill", f"distill={mode}", f"seed={seed}",
-                               f"distill.teacher.checkpoint={checkpoint}", f"data.train_fraction={fraction}"],
-                              args.out / f"frac{fraction}" / f"seed{seed}" / mode)
-                top1.setdefault((fraction, mode), []).append(metrics["final_top1"])
+                               f"trainer.epochs={epochs}", f"distill.teacher.checkpoint={checkpoint}",
+                               f"data.train_fraction={fraction}"],
+                              args.out / f"frac{fraction}_ep{epochs}" / f"seed{seed}" / mode)
+                top1.setdefault((fraction, epochs, mode), []).append(metrics["final_top1"])
                 share += [row["teacher_time_share"] for row in metrics["history"] if "teacher_time_share" in row]
     table = render(top1, args, teacher, statistics.mean(share), time.perf_counter() - start)
     print(table)
@@ -62,17 +71,20 @@ def fmt(values: list[float]) -> str:
 
 
 def render(top1: dict, args: argparse.Namespace, teacher: dict, share: float, seconds: float) -> str:
-    lines = ["| training images | distill=none | distill=hard | distill=soft |", "| --- | --- | --- | --- |"]
-    for fraction in args.fractions:
+    lines = ["| training images | epochs (steps) | distill=none | distill=hard | distill=soft |",
+             "| --- | --- | --- | --- | --- |"]
+    for fraction, epochs in args.settings:
         label = "all (1,437)" if fraction == 1 else f"{fraction:.0%} ({round(1437 * fraction)})"
-        lines.append(f"| {label} | " + " | ".join(fmt(top1[(fraction, m)]) for m in MODES) + " |")
+        steps = epochs * (round(1437 * fraction) // 32)  # mixup off: batches of 32, the last one short
+        lines.append(f"| {label} | {epochs} (~{steps}) | " + " | ".join(fmt(top1[(fraction, epochs, m)]) for m in MODES)
+                     + " |")
     seeds = " ".join(map(str, args.seeds))
     return "\n".join(lines) + (
         f"\n\nStudent test top-1 (%) on the 360 test digits, final epoch, mean ± std over seeds {seeds}. "
         f"Teacher (ResNet-18, all training images): {teacher['final_top1']:.2f}% test top-1. "
         f"The teacher's forward passes took {share:.0%} of the students' training time. "
-        f"Measured with `python scripts/distill_digits.py --seeds {seeds}` in {seconds / 60:.1f} minutes on a "
-        f"2-core CPU.\n"
+        f"Measured with `python scripts/distill_digits.py --seeds {seeds} --settings "
+        f"{' '.join(f'{f}:{e}' for f, e in args.settings)}` in {seconds / 60:.1f} minutes on a 2-core CPU.\n"
     )
 
 
