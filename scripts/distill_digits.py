@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 import time
 from pathlib import Path
@@ -75,8 +76,8 @@ def render(top1: dict, args: argparse.Namespace, teacher: dict, share: float, se
              "| --- | --- | --- | --- | --- |"]
     for fraction, epochs in args.settings:
         label = "all (1,437)" if fraction == 1 else f"{fraction:.0%} ({round(1437 * fraction)})"
-        steps = epochs * (round(1437 * fraction) // 32)  # mixup off: batches of 32, the last one short
-        lines.append(f"| {label} | {epochs} (~{steps}) | " + " | ".join(fmt(top1[(fraction, epochs, m)]) for m in MODES)
+        steps = epochs * math.ceil(round(1437 * fraction) / 32)  # batches of 32, the last one short
+        lines.append(f"| {label} | {epochs} ({steps}) | " + " | ".join(fmt(top1[(fraction, epochs, m)]) for m in MODES)
                      + " |")
     seeds = " ".join(map(str, args.seeds))
     return "\n".join(lines) + (
