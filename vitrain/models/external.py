@@ -7,7 +7,6 @@ new head its own learning rate.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import re
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from vitrain.errors import ConfigError, VitrainError
+from vitrain.models.registry import unknown_name
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,7 @@ def create_timm_model(
     import timm
 
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
-        raise ConfigError(f"unknown timm model '{name}' (model.name); {hint}")
+        raise unknown_name("timm model", name, timm.list_models(), "timm.list_models()")
     try:
         model = _build_dropping_unsupported(
             timm.create_model, name, pretrained=pretrained, num_classes=num_classes, img_size=img_size,
@@ -119,9 +117,7 @@ def create_torchvision_model(
 
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
-        close = difflib.get_close_matches(name, available, n=3, cutoff=0.6)
-        hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
-        raise ConfigError(f"unknown torchvision model '{name}' (model.name); {hint}")
+        raise unknown_name("torchvision model", name, available, "torchvision.models.list_models()")
     weights = "DEFAULT" if pretrained else None
     kwargs["dropout"] = drop_rate or None
     if name.startswith("vit_") and img_size:

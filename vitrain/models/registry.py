@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
@@ -24,6 +24,13 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
+def unknown_name(what: str, name: str, known: Iterable[str], listing: str, cutoff: float = 0.6) -> ConfigError:
+    """The one-line error for a model name that is not in ``known``, with up to three close matches."""
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=cutoff)
+    hint = f"did you mean {', '.join(close)}?" if close else f"see {listing}"
+    return ConfigError(f"unknown {what} '{name}' (model.name); {hint}")
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Names of the registered models that match a shell-style pattern, sorted."""
     return sorted(name for name in _MODELS if fnmatch.fnmatch(name, pattern))
@@ -32,9 +39,7 @@ def list_models(pattern: str = "*") -> list[str]:
 def build_registered(name: str, num_classes: int = 1000, img_size: int | None = None, **overrides: Any) -> nn.Module:
     """Build a registered model; ``overrides`` replace the variant's defaults (depth, drop_path_rate, ...)."""
     if name not in _MODELS:
-        close = difflib.get_close_matches(name, _MODELS, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else "see vitrain.models.list_models()"
-        raise ConfigError(f"unknown model '{name}' (model.name); {hint}")
+        raise unknown_name("model", name, _MODELS, "vitrain.models.list_models()", cutoff=0.5)
     if img_size is not None:
         overrides["img_size"] = img_size
     return _MODELS[name](num_classes=num_classes, **overrides)
