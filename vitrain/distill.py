@@ -76,7 +76,8 @@ class DistillationLoss(nn.Module):
     """DeiT's loss: the student's base loss plus a hard or soft distillation term from a frozen teacher.
 
     The teacher runs in eval mode under ``no_grad`` (and the trainer's autocast); its parameters
-    never change. ``teacher_seconds`` accumulates the teacher's forward time, for its share of a step.
+    never change. ``teacher_seconds`` accumulates the teacher's forward time, for its share of a step
+    (on CUDA measured with events and read only when asked for, so timing adds no host sync per step).
     """
 
     def __init__(
@@ -91,7 +92,17 @@ class DistillationLoss(nn.Module):
         self.base, self.mode, self.alpha, self.tau, self.reduction = base, mode, alpha, tau, reduction
         self.teacher = teacher.eval().requires_grad_(False)
         self.teacher_inputs = teacher_inputs or nn.Identity()
-        self.teacher_seconds = 0.0
+        self._seconds = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # CUDA timings not yet read
+
+    @property
+    def teacher_seconds(self) -> float:
+        """Total time of the teacher's forward passes so far."""
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._seconds += sum(start.elapsed_time(end) for start, end in self._events) / 1000
+            self._events.clear()
+        return self._seconds
 
     def train(self, mode: bool = True) -> DistillationLoss:
         super().train(mode)
@@ -103,18 +114,29 @@ class DistillationLoss(nn.Module):
     ) -> torch.Tensor:
         z_cls, z_dist = outputs if isinstance(outputs, tuple) else (outputs, outputs)
         base = self.base(inputs, z_cls, labels)
-        start = time.perf_counter()
-        with torch.no_grad():
-            z_t = self.teacher(self.teacher_inputs(inputs)).float()
-        if z_t.is_cuda:
-            torch.cuda.current_stream().synchronize()  # honest timing; costs little next to the forward
-        self.teacher_seconds += time.perf_counter() - start
+        z_t = self._teacher_logits(inputs)
         z_dist = z_dist.float()
         if self.mode == "hard":
             kd = hard_distillation_loss(z_dist, z_t)
         else:
             kd = soft_distillation_loss(z_dist, z_t, self.tau, self.reduction)
         return (1 - self.alpha) * base + self.alpha * kd
+
+
+    def _teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            begin = time.perf_counter()
+        with torch.no_grad():
+            z_t = self.teacher(self.teacher_inputs(inputs)).float()
+        if inputs.is_cuda:
+            end.record()
+            self._events.append((start, end))
+        else:
+            self._seconds += time.perf_counter() - begin
+        return z_t
 
 
 def build_criterion(

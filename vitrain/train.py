@@ -24,6 +24,7 @@ from timm.data import Mixup
 from vitrain.checkpoint import load_checkpoint
 from vitrain.config import CONFIG_DIR, ensure_writable
 from vitrain.data import DataSplits, build_datasets, build_loaders
+from vitrain.data.gpu import build_device_loaders, resolve_pipeline
 from vitrain.distill import TeacherInputs, build_criterion
 from vitrain.errors import ConfigError, VitrainError
 from vitrain.models import create_model
@@ -53,6 +54,28 @@ def build_model(m: DictConfig, num_classes: int) -> torch.nn.Module:
                         drop_rate=m.drop_rate, drop_path_rate=m.drop_path, **extra)
 
 
+def is_cnn(model: torch.nn.Module) -> bool:
+    """A convolutional network (more than a patch-embedding convolution): it gains from channels_last."""
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 1
+
+
+def use_channels_last(setting: bool | str, model: torch.nn.Module, device: torch.device) -> bool:
+    """``trainer.channels_last``: auto means CNNs on CUDA, where cuDNN's NHWC kernels are faster."""
+    if setting == "auto":
+        return device.type == "cuda" and is_cnn(model)
+    if not isinstance(setting, bool):
+        raise ConfigError(f"trainer.channels_last must be auto, true or false, got {setting}")
+    return setting
+
+
+def enable_grad_checkpointing(model: torch.nn.Module, name: str) -> None:
+    """``trainer.grad_checkpointing=true`` through timm's switch, which vitrain's and timm's models have."""
+    if not hasattr(model, "set_grad_checkpointing"):
+        raise ConfigError(f"model {name} has no activation checkpointing (vitrain and timm models have it); "
+                          f"set trainer.grad_checkpointing=false")
+    model.set_grad_checkpointing(True)
+
+
 def build_distillation(dist: DictConfig, t: DictConfig, d: DictConfig, img_size: int, num_classes: int,
                        device: torch.device) -> torch.nn.Module:
     """The criterion of the ``distill`` group; for hard/soft, the frozen teacher with its input adapter."""
@@ -67,7 +90,10 @@ def build_distillation(dist: DictConfig, t: DictConfig, d: DictConfig, img_size:
     if not (spec.checkpoint or spec.pretrained):
         log.warning("the teacher %s has random weights: set distill.teacher.checkpoint=PATH", spec.name)
     adapter = TeacherInputs(d.mean, d.std, spec.mean, spec.std, spec.img_size)
-    return build_criterion(dist.name, t.label_smoothing, teacher.to(device), dist.alpha, dist.tau,
+    teacher = teacher.to(device)
+    if use_channels_last(t.get("channels_last", "auto"), teacher, device):
+        teacher = teacher.to(memory_format=torch.channels_last)
+    return build_criterion(dist.name, t.label_smoothing, teacher, dist.alpha, dist.tau,
                            dist.reduction, adapter)
 
 
@@ -87,6 +113,20 @@ def build_data(d: DictConfig, img_size: int) -> DataSplits:
         split_seed=d.get("split_seed", 0), auto_augment=d.auto_augment, color_jitter=d.color_jitter,
         re_prob=d.re_prob, classes=d.classes, train_fraction=d.get("train_fraction", 1.0),
     )
+
+
+def build_data_loaders(d: DictConfig, splits: DataSplits, img_size: int, device: torch.device, seed: int,
+                       drop_last: bool) -> tuple[Any, Any]:
+    """Train/val loaders of ``data.pipeline``: batched augmentation on the device for in-memory data (gpu),
+    or per-image transforms in loader workers (cpu)."""
+    pipeline = resolve_pipeline(d.get("pipeline", "auto"), splits.train, device, d.auto_augment, d.color_jitter)
+    log.info("data pipeline: %s", pipeline)
+    if pipeline == "gpu":
+        return build_device_loaders(splits, img_size, d.mean, d.std, d.batch_size, device, seed=seed,
+                                    crop_padding=d.crop_padding, hflip=d.hflip, interpolation=d.interpolation,
+                                    re_prob=d.re_prob, drop_last=drop_last)
+    return build_loaders(splits, d.batch_size, d.num_workers, seed=seed, pin_memory=device.type == "cuda",
+                         drop_last=drop_last)
 
 
 def build_optimization(
@@ -126,12 +166,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     d, m, o, t = cfg.data, cfg.model, cfg.optimizer, cfg.trainer
     splits = build_data(d, m.img_size)
     mixup = build_mixup(t, splits.num_classes)
-    train_loader, val_loader = build_loaders(  # mixup pairs images: it needs even, so full, batches
-        splits, d.batch_size, d.num_workers, seed=cfg.seed, pin_memory=torch.cuda.is_available(),
-        drop_last=mixup is not None,
-    )
     device = resolve_device(t.device)
+    # mixup pairs images: it needs even, so full, batches
+    train_loader, val_loader = build_data_loaders(d, splits, m.img_size, device, cfg.seed, mixup is not None)
     model = build_model(m, splits.num_classes).to(device)
+    if t.grad_checkpointing:
+        enable_grad_checkpointing(model, m.name)
     criterion = build_distillation(cfg.distill, t, d, m.img_size, splits.num_classes, device)
     if o.freeze_backbone:
         set_backbone_trainable(model, False)
@@ -148,6 +188,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         ema_decay=t.ema_decay if t.ema else None, mixup_fn=mixup,
         unfreeze_at_epoch=o.unfreeze_after_epochs if o.freeze_backbone else None,
         checkpoint_every_steps=t.checkpoint_every_steps, keep_last=t.keep_last, skip_nonfinite=t.skip_nonfinite,
+        compile=t.compile, channels_last=use_channels_last(t.channels_last, model, device),
         checkpoint_extra={"config": OmegaConf.to_container(cfg, resolve=True),
                           "class_names": splits.class_names, "model_name": m.name, "model_source": m.source},
     )

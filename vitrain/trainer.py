@@ -91,6 +91,8 @@ class Trainer:
         checkpoint_every_steps: int | None = None,
         keep_last: int = 1,
         skip_nonfinite: bool = False,
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         if epochs <= 0:
             raise ConfigError(f"trainer.epochs must be positive, got {epochs}")
@@ -98,8 +100,16 @@ class Trainer:
             raise ConfigError(f"trainer.accum_steps must be at least 1, got {accum_steps}")
         self.device = resolve_device(device)
         self.amp_dtype = autocast_dtype(precision, self.device)
-        self.model = model.to(self.device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format)  # checkpoints, EMA, evaluation
         self.criterion = criterion.to(self.device)
+        # trainer.compile: the training step's forward and loss compile into one graph (the loss fuses into
+        # the last kernels); with a distillation loss, whose teacher is timed outside any graph, the student alone
+        self.train_model, self.forward_loss = self.model, self._forward_loss
+        if compile and hasattr(criterion, "teacher"):
+            self.train_model = torch.compile(self.model)
+        elif compile:
+            self.forward_loss = torch.compile(self._forward_loss)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
         self.epochs, self.grad_clip, self.progress = epochs, grad_clip, progress
@@ -120,6 +130,13 @@ class Trainer:
         self.train_time, self.train_images, self.skipped = 0.0, 0, 0
         self._resumed_rng: dict[str, Any] | None = None
         self._stop_signal: int | None = None
+        # losses of steps not yet checked for NaN/inf, with (step, epoch, batch): checked in one host
+        # sync when the loss is logged and before every checkpoint, not after every step
+        self._unchecked: list[tuple[torch.Tensor, int, int, int]] = []
+
+    def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.criterion(images, self.train_model(images), labels)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -211,15 +228,14 @@ class Trainer:
             self._resumed_rng = None
         self.optimizer.zero_grad(set_to_none=True)
         for i, (images, labels) in enumerate(bar, start=first):
-            images = images.to(self.device, non_blocking=True)
+            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             labels = labels.to(self.device, non_blocking=True)
             if self.mixup_fn is not None:
                 images, labels = self.mixup_fn(images, labels)  # labels become soft targets (B, classes)
-            with self._autocast():
-                outputs = self.model(images)
-                loss = self.criterion(images, outputs, labels)
-            if not self._loss_is_finite(loss, epoch, i):
+            loss = self.forward_loss(images, labels)
+            if self.skip_nonfinite and not self._keep_batch(loss, epoch, i):
                 continue
+            self._unchecked.append((loss.detach(), self.step + 1, epoch, i))
             self.scaler.scale(loss / self.accum_steps).backward()
             seen += labels.shape[0]
             window_loss += loss.detach().float()  # summed on the device
@@ -229,29 +245,43 @@ class Trainer:
             self._optimizer_step()
             self.batch_in_epoch = i + 1
             if self.step % self.log_every == 0:
+                self._check_finite()
                 epoch_loss += window_loss
                 self._log_step(bar, (window_loss / max(1, window_batches)).item())
                 window_loss.zero_()
                 window_batches = 0
             self._checkpoint_mid_epoch()
+        self._check_finite()
         epoch_loss += window_loss
         return epoch_loss.item() / max(1, batches - first), seen
 
-    def _loss_is_finite(self, loss: torch.Tensor, epoch: int, batch: int) -> bool:
-        """Stop at a NaN/inf loss before it reaches the weights, or skip the batch if asked to.
-        (One host sync per step: cheap next to a silent divergence.)"""
+    def _keep_batch(self, loss: torch.Tensor, epoch: int, batch: int) -> bool:
+        """``skip_nonfinite``: drop a batch whose loss is NaN/inf before it reaches the weights (this
+        costs one host sync per step, which is why it is opt-in)."""
         if torch.isfinite(loss).item():
             return True
-        if self.skip_nonfinite:
-            self.skipped += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            self.writer.add_scalar("train/skipped_nonfinite", self.skipped, self.step)
-            log.warning("non-finite loss at epoch %d batch %d: batch skipped (%d so far)", epoch + 1, batch + 1,
-                        self.skipped)
-            return False
+        self.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.writer.add_scalar("train/skipped_nonfinite", self.skipped, self.step)
+        log.warning("non-finite loss at epoch %d batch %d: batch skipped (%d so far)", epoch + 1, batch + 1,
+                    self.skipped)
+        return False
+
+    def _check_finite(self) -> None:
+        """Stop at the first NaN/inf loss since the last check, naming its step and the last good
+        checkpoint. Called before every log and checkpoint, so weights that a bad step may have
+        touched are never saved; one host sync per check instead of one per step."""
+        if not self._unchecked:
+            return
+        losses = torch.stack([loss.float() for loss, *_ in self._unchecked]).cpu()
+        unchecked, self._unchecked = self._unchecked, []
+        bad = torch.nonzero(~torch.isfinite(losses)).flatten()
+        if len(bad) == 0:
+            return
+        _, step, epoch, batch = unchecked[bad[0]]
         last = self.ckpt_dir / "last.pt"
         raise NonFiniteLoss(
-            f"the loss is {loss.item()} at step {self.step + 1} (epoch {epoch + 1}, batch {batch + 1}); "
+            f"the loss is {losses[bad[0]].item()} at step {step} (epoch {epoch + 1}, batch {batch + 1}); "
             f"last good checkpoint: {last if last.exists() else 'none yet'}; lower optimizer.lr, set "
             f"trainer.grad_clip, or trainer.skip_nonfinite=true to skip such batches"
         )
@@ -261,6 +291,7 @@ class Trainer:
         every = self.checkpoint_every_steps
         if self._stop_signal is None and not (every and self.step % every == 0):
             return
+        self._check_finite()
         path = self._save()
         if self._stop_signal is not None:
             raise Preempted(self._stop_signal, self.step, path)
@@ -288,7 +319,7 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         total = 0
         for images, labels in self.val_loader:
-            images = images.to(self.device, non_blocking=True)
+            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             labels = labels.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = model(images)

@@ -10,8 +10,20 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vitrain.errors import ConfigError
+
+
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool = False) -> torch.Tensor:
+    """Apply ``blocks`` in order. With ``grad_checkpointing`` (and gradients on), each block's activations
+    are recomputed in the backward pass instead of stored: memory of one block instead of all, for about
+    a third more compute. The RNG state is replayed, so dropout and drop path draw the same masks."""
+    if not (grad_checkpointing and torch.is_grad_enabled()):
+        return blocks(x)
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False)
+    return x
 
 
 def to_2tuple(x: int | tuple[int, int]) -> tuple[int, int]:

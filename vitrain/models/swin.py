@@ -20,7 +20,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from vitrain.errors import ConfigError
-from vitrain.models.layers import Mlp, PatchEmbed
+from vitrain.models.layers import Mlp, PatchEmbed, run_blocks
 from vitrain.models.registry import register_model
 
 MASKED = -100.0  # the original code's additive mask value: after softmax, exp(-100) is negligible
@@ -239,6 +239,7 @@ class SwinTransformerStage(nn.Module):
         self.downsample = PatchMerging(dim, out_dim) if downsample else nn.Identity()
         window, shift = stage_window(resolution, window_size)
         drop_path = drop_path or [0.0] * depth
+        self.grad_checkpointing = False
         self.blocks = nn.Sequential(*[
             SwinTransformerBlock(out_dim, num_heads, resolution, window, shift if i % 2 else (0, 0),
                                  mlp_ratio, qkv_bias, proj_drop, attn_drop, drop_path[i])
@@ -246,7 +247,7 @@ class SwinTransformerStage(nn.Module):
         ])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, H', W', C')
-        return self.blocks(self.downsample(x))
+        return run_blocks(self.blocks, self.downsample(x), self.grad_checkpointing)
 
 
 class ClassifierHead(nn.Module):
@@ -326,6 +327,12 @@ class SwinTransformer(nn.Module):
         """Full names of the relative position bias tables, which weight decay would pull towards
         "no positional preference" (biases and norms the optimizer recognises by shape)."""
         return {name for name, _ in self.named_parameters() if name.endswith("relative_position_bias_table")}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (timm's switch): less memory, bigger batches."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
 
     def get_classifier(self) -> nn.Module:
         return self.head.fc

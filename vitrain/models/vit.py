@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitrain.models.layers import Block, PatchEmbed
+from vitrain.models.layers import Block, PatchEmbed, run_blocks
 from vitrain.models.registry import register_model
 
 
@@ -42,6 +42,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         self.num_classes, self.embed_dim, self.global_pool = num_classes, embed_dim, global_pool
         self.num_prefix_tokens = 1  # the CLS token
+        self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
@@ -76,6 +77,11 @@ class VisionTransformer(nn.Module):
         optimizer recognises by shape)."""
         return {"pos_embed", "cls_token"}
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (timm's switch): less memory, bigger batches."""
+        self.grad_checkpointing = enable
+
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -94,7 +100,7 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # (B, N, D)
         x = self._pos_embed(x)  # (B, 1 + N, D)
-        x = self.blocks(x)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
