@@ -39,7 +39,8 @@ def test_evaluate_top1_equals_the_trainers(run: tuple[Path, dict]) -> None:
     assert r["per_class_top1"][0] == pytest.approx(100 * confusion[0][0] / 36)
     saved = json.loads((checkpoints / "eval_last.json").read_text())
     assert saved["model"]["top1"] == r["top1"]
-    assert Image.open(checkpoints / "eval_last.png").size == (240, 240)
+    width, height = Image.open(checkpoints / "eval_last.png").size  # the matrix, its labels and a colour bar
+    assert width > height >= 400
 
 
 def test_predict_gives_probabilities_and_class_names(run: tuple[Path, dict], tmp_path: Path) -> None:

@@ -18,14 +18,15 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, ImageDraw
 from torch import nn
 from torch.utils.data import DataLoader
 
 from vitrain.checkpoint import load_checkpoint
 from vitrain.config import CONFIG_DIR
 from vitrain.errors import ConfigError, VitrainError
+from vitrain.visualize import figure_to_array
 
 log = logging.getLogger(__name__)
 
@@ -70,21 +71,27 @@ def score(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.
             "images_per_sec": total / max(seconds, 1e-9)}
 
 
-def confusion_image(confusion: list[list[int]], cell: int = 24) -> Image.Image:
-    """The row-normalised confusion matrix as a heatmap (white 0 to dark blue 1), counts written in."""
+def confusion_figure(confusion: list[list[int]], class_names: list[str], title: str) -> Figure:
+    """The row-normalised confusion matrix as a heatmap (white 0 to dark blue 1), rows the true class and
+    columns the predicted one, with the counts written in (up to 20 classes) and the class names as ticks
+    (up to 40)."""
     m = np.asarray(confusion, dtype=float)
     share = m / np.maximum(m.sum(1, keepdims=True), 1)
     n = len(m)
-    image = Image.new("RGB", (n * cell, n * cell), "white")
-    draw = ImageDraw.Draw(image)
-    for i in range(n):
-        for j in range(n):
-            shade = share[i, j]
-            colour = tuple(int(255 - shade * (255 - c)) for c in (8, 48, 107))
-            draw.rectangle([j * cell, i * cell, (j + 1) * cell - 1, (i + 1) * cell - 1], fill=colour)
-            if m[i, j]:
-                draw.text((j * cell + 3, i * cell + 6), str(int(m[i, j])), fill="white" if shade > 0.5 else "black")
-    return image
+    side = min(12.0, 2.0 + 0.35 * n)
+    figure = Figure(figsize=(side + 1.0, side), layout="constrained")
+    ax = figure.add_subplot()
+    shown = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    figure.colorbar(shown, ax=ax, shrink=0.8, label="share of the true class")
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    if n <= 40:
+        ax.set_xticks(range(n), class_names, rotation=90 if max(map(len, class_names)) > 2 else 0)
+        ax.set_yticks(range(n), class_names)
+    if n <= 20:
+        for i, j in zip(*np.nonzero(m), strict=True):
+            ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if share[i, j] > 0.5 else "black")
+    return figure
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: DictConfig | None = None, batch_size: int = 256,
@@ -111,10 +118,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DictConfig | None = None, 
         result["model_ema"] = score(ema, loader, splits.num_classes, dev)
     output = Path(output) if output else checkpoint.with_name(f"eval_{checkpoint.stem}.json")
     output.write_text(json.dumps(result, indent=2))
-    picture = confusion_image(result["model"]["confusion"])
-    picture.save(output.with_suffix(".png"))
+    title = f"{cfg.model.name} on {data_cfg.name}: top-1 {result['model']['top1']:.2f}%"
+    figure = confusion_figure(result["model"]["confusion"], splits.class_names, title)
+    figure.savefig(output.with_suffix(".png"), dpi=120)
     with SummaryWriter(str(checkpoint.parent.parent / "tb")) as writer:
-        writer.add_image(f"eval/{checkpoint.stem}_confusion", np.asarray(picture), dataformats="HWC")
+        writer.add_image(f"eval/{checkpoint.stem}_confusion", figure_to_array(figure), dataformats="HWC")
         writer.add_scalar(f"eval/{checkpoint.stem}_top1", result["model"]["top1"])
     return result
 

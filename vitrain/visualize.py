@@ -106,7 +106,8 @@ def _display(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -
 
 
 def _figure(rows: int, cols: int, title: str) -> tuple[Figure, np.ndarray]:
-    figure = Figure(figsize=(PANEL * cols, PANEL * rows + 0.45), layout="constrained")
+    width = max(PANEL * cols, 0.075 * len(title))  # wide enough for the title (9 pt: about 0.07 inch a character)
+    figure = Figure(figsize=(width, PANEL * rows + 0.45), layout="constrained")
     FigureCanvasAgg(figure)
     axes = np.asarray(figure.subplots(rows, cols, squeeze=False))
     for ax in axes.flat:
