@@ -196,8 +196,20 @@ def digit(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("vit_run")
-    train(compose(SHORT_RUN), out)
+    train(compose([*SHORT_RUN, "trainer.log_images=true"]), out)
     return out
+
+
+def test_log_images_puts_the_figures_in_the_runs_tensorboard_at_the_last_step(vit_run: Path) -> None:
+    """trainer.log_images=true: attention, rollout and position figures of the first validation image."""
+    events = EventAccumulator(str(vit_run / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    tags = ["visualize/attention", "visualize/rollout", "visualize/position"]
+    assert sorted(events.Tags()["images"]) == sorted(tags)
+    last_step = max(event.step for event in events.Scalars("val/top1"))
+    for tag in tags:
+        (image,) = events.Images(tag)
+        assert image.step >= last_step and image.width > 100
 
 
 def test_cli_writes_the_vit_figures_beside_the_run(vit_run: Path, digit: Path, tmp_path: Path) -> None:

@@ -27,6 +27,25 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng", "rng_ranks")  # what best.pt leaves out
+
+
+def write_checkpoints(state: dict[str, Any], folder: Path, best_val: dict[str, float] | None = None,
+                      keep_last: int = 1) -> Path:
+    """A run's checkpoints of ``state``: ``last.pt``; ``best.pt`` (the weights without the training state,
+    with ``best_val``) when ``best_val`` is given; with ``keep_last`` > 1 also ``step_*.pt``, of which the
+    newest ``keep_last`` stay. Returns the path of last.pt."""
+    if best_val is not None:
+        weights = {k: v for k, v in state.items() if k not in TRAINING_STATE}
+        save_checkpoint({**weights, "val": best_val}, folder / "best.pt")  # for inference, fine-tuning
+    last = save_checkpoint(state, folder / "last.pt")
+    if keep_last > 1:
+        save_checkpoint(state, folder / f"step_{state['step']:08d}.pt")
+        for old in sorted(folder.glob("step_*.pt"))[:-keep_last]:
+            old.unlink()
+    return last
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, no code runs."""
     path = Path(path)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, read_write
 
 from vitrain.errors import VitrainError
 
@@ -54,3 +54,44 @@ class CheckOutputFolder(Callback):
         except VitrainError as e:  # Hydra would print a traceback: one line, and stop
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
+
+
+class TorchrunRunFolder(Callback):
+    """Hydra callback for a run started by torchrun, before Hydra makes the run folder: join the process
+    group, give every rank rank 0's run folder (the default one is named after the start time, which
+    can differ between the processes), and leave ``.hydra/`` and the log file to rank 0; the other ranks
+    log only warnings and errors, to the console."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        from vitrain.distributed import broadcast_object, init_distributed, torchrun_world
+
+        if torchrun_world().size == 1:
+            return
+        try:
+            world, _ = init_distributed(config.trainer.device, config.trainer.dist_backend)
+        except VitrainError as e:
+            rank = torchrun_world().rank
+            print(f"{f'[rank {rank}] ' if rank else ''}error: {e}", file=sys.stderr)
+            sys.exit(1)
+        with read_write(config):
+            config.hydra.run.dir = broadcast_object(str(config.hydra.run.dir))
+            if not world.is_main:
+                config.hydra.output_subdir = None
+                config.hydra.job_logging = console_logging(f"[rank {world.rank}]")
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from vitrain.distributed import torchrun_world
+
+        if torchrun_world().size > 1:  # every rank would run its own sweep, in its own folder
+            print("error: a multirun (-m) cannot run under torchrun; start one torchrun per run of the sweep",
+                  file=sys.stderr)
+            sys.exit(1)
+
+
+def console_logging(prefix: str, level: str = "WARNING") -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` that writes records of ``level`` and above to stderr, no file."""
+    line = f"{prefix}[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+    return {"version": 1, "disable_existing_loggers": False, "formatters": {"plain": {"format": line}},
+            "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain",
+                                     "stream": "ext://sys.stderr"}},
+            "root": {"level": level, "handlers": ["console"]}}

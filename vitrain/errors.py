@@ -2,7 +2,11 @@
 
 Anything raised as :class:`VitrainError` is shown by the command-line entry points as one line
 (``error: ...``) with a non-zero exit code and no traceback; the message names the setting to change.
+:class:`Preempted` is not an error: a run stopped by a signal, with its checkpoint written.
 """
+
+import signal
+from pathlib import Path
 
 
 class VitrainError(Exception):
@@ -15,3 +19,15 @@ class ConfigError(VitrainError, ValueError):
 
 class DataError(VitrainError, FileNotFoundError):
     """A data set is missing, cannot be downloaded or cannot be read."""
+
+
+class NonFiniteLoss(VitrainError):
+    """The loss became NaN or infinite; nothing was stepped or saved from it."""
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGINT arrived: the step finished, a checkpoint was written, the run should exit."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint

@@ -23,14 +23,23 @@ from timm.data import Mixup
 
 from vitrain.checkpoint import load_checkpoint
 from vitrain.config import CONFIG_DIR, ensure_writable
-from vitrain.data import DataSplits, build_datasets, build_loaders
+from vitrain.data import DataSplits, build_datasets, build_loaders, build_samplers
 from vitrain.data.gpu import build_device_loaders, resolve_pipeline
 from vitrain.distill import TeacherInputs, build_criterion
+from vitrain.distributed import (
+    World,
+    broadcast_object,
+    close_distributed,
+    init_distributed,
+    launcher,
+    rank0_first,
+    torchrun_world,
+)
 from vitrain.errors import ConfigError, VitrainError
 from vitrain.models import create_model
 from vitrain.models.convert import load_pretrained
 from vitrain.optim import build_optimizer, build_scheduler, set_backbone_trainable
-from vitrain.trainer import Preempted, Trainer, resolve_device
+from vitrain.trainer import Preempted, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -116,25 +125,31 @@ def build_data(d: DictConfig, img_size: int) -> DataSplits:
 
 
 def build_data_loaders(d: DictConfig, splits: DataSplits, img_size: int, device: torch.device, seed: int,
-                       drop_last: bool) -> tuple[Any, Any]:
+                       drop_last: bool, world: World | None = None) -> tuple[Any, Any]:
     """Train/val loaders of ``data.pipeline``: batched augmentation on the device for in-memory data (gpu),
-    or per-image transforms in loader workers (cpu)."""
+    or per-image transforms in loader workers (cpu). Under torchrun, this rank's shares of the batches
+    (``data.batch_size`` images per rank and step)."""
+    world = world or World()
     pipeline = resolve_pipeline(d.get("pipeline", "auto"), splits.train, device, d.auto_augment, d.color_jitter)
     log.info("data pipeline: %s", pipeline)
     if pipeline == "gpu":
+        train_sampler, val_sampler = build_samplers(splits, d.batch_size, seed, drop_last, world.rank, world.size)
         return build_device_loaders(splits, img_size, d.mean, d.std, d.batch_size, device, seed=seed,
                                     crop_padding=d.crop_padding, hflip=d.hflip, interpolation=d.interpolation,
-                                    re_prob=d.re_prob, drop_last=drop_last)
+                                    re_prob=d.re_prob, drop_last=drop_last, train_sampler=train_sampler,
+                                    val_sampler=val_sampler)
     return build_loaders(splits, d.batch_size, d.num_workers, seed=seed, pin_memory=device.type == "cuda",
-                         drop_last=drop_last)
+                         drop_last=drop_last, rank=world.rank, world_size=world.size)
 
 
 def build_optimization(
-    model: torch.nn.Module, o: DictConfig, s: DictConfig, batch_size: int, steps_per_epoch: int, epochs: int
+    model: torch.nn.Module, o: DictConfig, s: DictConfig, global_batch: int, steps_per_epoch: int, epochs: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW over the parameter groups and the per-step schedule. With ``optimizer.lr_base_batch``
-    the learning rates scale linearly with the batch (DeiT: lr x batch / 512)."""
-    scale = batch_size / o.lr_base_batch if o.get("lr_base_batch") else 1.0
+    """AdamW over the parameter groups and the per-step schedule. With ``optimizer.scale_lr`` (or an
+    ``optimizer.lr_base_batch``) the learning rates scale linearly with the images per optimizer step of
+    all processes together (DeiT: lr x global batch / 512)."""
+    scaled = o.get("scale_lr") or o.get("lr_base_batch")
+    scale = global_batch / (o.get("lr_base_batch") or 512) if scaled else 1.0
     backbone_lr = None if o.backbone_lr is None else o.backbone_lr * scale
     optimizer = build_optimizer(model, o.name, o.lr * scale, backbone_lr, o.weight_decay, tuple(o.betas),
                                 o.get("layer_decay"))
@@ -158,17 +173,28 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     return Path(resume)
 
 
+def check_resume_position(state: dict[str, Any], global_batch: int) -> None:
+    """A checkpoint written inside an epoch continues from its position in the epoch's order, which is
+    counted in global batches (``data.batch_size`` x processes): they must be the same as when it was saved."""
+    saved = state.get("config", {}).get("data", {}).get("batch_size", 0) * state.get("world_size", 1)
+    if state.get("batch_in_epoch", 0) and saved and saved != global_batch:
+        raise ConfigError(f"the checkpoint stopped inside an epoch with {saved} images per step (data.batch_size x "
+                          f"processes), this run has {global_batch}; resume with the same, or from an epoch's end")
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Run one training job described by ``cfg`` and write its outputs to ``run_dir``."""
+    """Run one training job described by ``cfg`` and write its outputs to ``run_dir``; under torchrun, this
+    rank's part of it (rank 0 writes the outputs)."""
     run_dir = Path(run_dir)
-    ensure_writable(run_dir / "checkpoints", "hydra.run.dir")
-    seed_everything(cfg.seed)
     d, m, o, t = cfg.data, cfg.model, cfg.optimizer, cfg.trainer
-    splits = build_data(d, m.img_size)
+    world, device = init_distributed(t.device, t.get("dist_backend", "auto"))
+    if world.is_main:
+        ensure_writable(run_dir / "checkpoints", "hydra.run.dir")
+    seed_everything(cfg.seed)
+    splits = rank0_first(lambda: build_data(d, m.img_size))  # a download once, not by every process
     mixup = build_mixup(t, splits.num_classes)
-    device = resolve_device(t.device)
     # mixup pairs images: it needs even, so full, batches
-    train_loader, val_loader = build_data_loaders(d, splits, m.img_size, device, cfg.seed, mixup is not None)
+    train_loader, val_loader = build_data_loaders(d, splits, m.img_size, device, cfg.seed, mixup is not None, world)
     model = build_model(m, splits.num_classes).to(device)
     if t.grad_checkpointing:
         enable_grad_checkpointing(model, m.name)
@@ -176,29 +202,37 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if o.freeze_backbone:
         set_backbone_trainable(model, False)
     steps_per_epoch = math.ceil(len(train_loader) / t.accum_steps)
-    optimizer, scheduler = build_optimization(model, o, cfg.scheduler, d.batch_size * t.accum_steps,
+    optimizer, scheduler = build_optimization(model, o, cfg.scheduler, d.batch_size * t.accum_steps * world.size,
                                               steps_per_epoch, t.epochs)
     log.info("model %s (%.2fM parameters), data %s: %d train / %d val images, %d classes",
              m.name, sum(p.numel() for p in model.parameters()) / 1e6, d.name,
              len(splits.train), len(splits.val), splits.num_classes)
+    if world.size > 1:  # the same weights everywhere so far; now each rank's own drop path, mixup, CPU-side crops
+        seed_everything(cfg.seed + world.rank)
     trainer = Trainer(
         model, optimizer, scheduler, criterion,
-        train_loader, val_loader, run_dir, epochs=t.epochs, device=t.device, precision=t.precision,
+        train_loader, val_loader, run_dir, epochs=t.epochs, device=str(device), precision=t.precision,
         grad_clip=t.grad_clip, log_every=t.log_every, progress=t.progress, accum_steps=t.accum_steps,
         ema_decay=t.ema_decay if t.ema else None, mixup_fn=mixup,
         unfreeze_at_epoch=o.unfreeze_after_epochs if o.freeze_backbone else None,
         checkpoint_every_steps=t.checkpoint_every_steps, keep_last=t.keep_last, skip_nonfinite=t.skip_nonfinite,
         compile=t.compile, channels_last=use_channels_last(t.channels_last, model, device),
-        checkpoint_extra={"config": OmegaConf.to_container(cfg, resolve=True),
+        checkpoint_extra={"config": OmegaConf.to_container(cfg, resolve=True), "world_size": world.size,
                           "class_names": splits.class_names, "model_name": m.name, "model_source": m.source},
     )
-    resume_from = find_resume_checkpoint(t.resume, run_dir)
+    resume_from = broadcast_object(find_resume_checkpoint(t.resume, run_dir))  # rank 0's; every rank loads it
     if resume_from is not None:
-        trainer.load_state_dict(load_checkpoint(resume_from, map_location=device))
+        state = load_checkpoint(resume_from, map_location=device)
+        check_resume_position(state, d.batch_size * world.size)
+        trainer.load_state_dict(state)
         log.info("resumed from %s at epoch %d, step %d", resume_from, trainer.epoch + 1, trainer.step)
-    log.info("training on %s for %d epochs (%d steps); writing to %s",
-             trainer.device, t.epochs, t.epochs * steps_per_epoch, run_dir)
+    log.info("training on %s%s for %d epochs (%d steps); writing to %s", trainer.device,
+             f" x {world.size} processes" if world.size > 1 else "", t.epochs, t.epochs * steps_per_epoch, run_dir)
     metrics = trainer.fit()
+    if t.log_images and world.is_main:
+        from vitrain.visualize import log_end_of_training  # matplotlib: imported only when asked for
+
+        log_end_of_training(run_dir / "tb", trainer.model, splits.val, trainer.step, d.mean, d.std, splits.class_names)
     log.info("best top-1 %.2f%%, final top-1 %.2f%%, %.0f train img/s, %.1f s",
              metrics["best_top1"], metrics["final_top1"], metrics["train_images_per_sec"],
              metrics["wall_time_sec"])
@@ -213,20 +247,24 @@ def main(cfg: DictConfig) -> float:
     (the checkpoint is written first, and the command to resume is printed).
     """
     run_dir = HydraConfig.get().runtime.output_dir
+    rank = torchrun_world().rank
     try:
         return train(cfg, run_dir)["final_top1"]
     except Preempted as e:
         overrides = " ".join(o for o in HydraConfig.get().overrides.task if not o.startswith("trainer.resume="))
-        print(f"{e}\nresume with: python -m vitrain.train {overrides} hydra.run.dir={run_dir} trainer.resume=auto",
-              file=sys.stderr)
+        if rank == 0:
+            print(f"{e}\nresume with: {launcher()} -m vitrain.train {overrides} hydra.run.dir={run_dir} "
+                  f"trainer.resume=auto", file=sys.stderr)
         sys.exit(128 + e.signum)
     except (VitrainError, MissingMandatoryValue) as e:
         if cfg.trainer.get("debug") or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         if isinstance(e, MissingMandatoryValue):
             e = VitrainError(f"{e.full_key} has no value; set it on the command line ({e.full_key}=...)")
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"{f'[rank {rank}] ' if rank else ''}error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        close_distributed()
 
 
 def one_line(error: Exception) -> str:

@@ -24,35 +24,15 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from vitrain import __version__
-from vitrain.checkpoint import rng_state, save_checkpoint, set_rng_state
-from vitrain.errors import ConfigError, VitrainError
+from vitrain import __version__, distributed
+from vitrain.checkpoint import rng_state, set_rng_state, write_checkpoints
+from vitrain.distributed import resolve_device  # also imported from here by the entry points
+from vitrain.errors import ConfigError, NonFiniteLoss, Preempted
 from vitrain.optim import set_backbone_trainable
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class Preempted(Exception):
-    """SIGTERM or SIGINT arrived: the step finished, a checkpoint was written, the run should exit."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint}")
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-
-
-class NonFiniteLoss(VitrainError):
-    """The loss became NaN or infinite; nothing was stepped or saved from it."""
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={device} but no CUDA device is visible; use trainer.device=auto or cpu")
-    return torch.device(device)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -66,7 +46,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 class Trainer:
     """Trains ``model`` for ``epochs`` epochs and writes TensorBoard logs, checkpoints and metrics
-    under ``run_dir``. ``checkpoint_extra`` (config, class names, ...) is stored in every checkpoint."""
+    under ``run_dir``. ``checkpoint_extra`` (config, class names, ...) is stored in every checkpoint.
+
+    Under torchrun (a ``torch.distributed`` process group), every rank runs this loop on its share of
+    the batches with the model in DistributedDataParallel; rank 0 alone writes files."""
 
     def __init__(
         self,
@@ -102,14 +85,9 @@ class Trainer:
         self.amp_dtype = autocast_dtype(precision, self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format)  # checkpoints, EMA, evaluation
-        self.criterion = criterion.to(self.device)
-        # trainer.compile: the training step's forward and loss compile into one graph (the loss fuses into
-        # the last kernels); with a distillation loss, whose teacher is timed outside any graph, the student alone
-        self.train_model, self.forward_loss = self.model, self._forward_loss
-        if compile and hasattr(criterion, "teacher"):
-            self.train_model = torch.compile(self.model)
-        elif compile:
-            self.forward_loss = torch.compile(self._forward_loss)
+        self.criterion = criterion.to(self.device)  # a teacher in it runs on every rank, outside DDP
+        self.compile, self.is_main = compile, distributed.is_main()
+        self._build_train_model()
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
         self.epochs, self.grad_clip, self.progress = epochs, grad_clip, progress
@@ -123,7 +101,7 @@ class Trainer:
         self.checkpoint_every_steps, self.keep_last = checkpoint_every_steps, keep_last
         self.skip_nonfinite = skip_nonfinite
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self.writer = SummaryWriter(str(self.run_dir / "tb")) if self.is_main else distributed.NullWriter()
         # where training stands: all of it goes into every checkpoint, so a run can continue exactly
         self.epoch, self.batch_in_epoch, self.step, self.best_top1 = 0, 0, 0, float("-inf")
         self.history: list[dict[str, float]] = []
@@ -133,6 +111,16 @@ class Trainer:
         # losses of steps not yet checked for NaN/inf, with (step, epoch, batch): checked in one host
         # sync when the loss is logged and before every checkpoint, not after every step
         self._unchecked: list[tuple[torch.Tensor, int, int, int]] = []
+
+    def _build_train_model(self) -> None:
+        """The model of the training step: in DDP under torchrun. trainer.compile: the forward and loss
+        compile into one graph (the loss fuses into the last kernels); with a distillation loss, whose
+        teacher is timed outside any graph, the student alone."""
+        self.train_model, self.forward_loss = distributed.wrap_ddp(self.model, self.device), self._forward_loss
+        if self.compile and hasattr(self.criterion, "teacher"):
+            self.train_model = torch.compile(self.train_model)
+        elif self.compile:
+            self.forward_loss = torch.compile(self._forward_loss)
 
     def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with self._autocast():
@@ -165,13 +153,17 @@ class Trainer:
         }
         if self.ema is not None:
             metrics["final_top1_ema"] = self.history[-1]["val_top1_ema"]
-        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if self.is_main:
+            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         self.writer.close()
         return metrics
 
     def _run_epoch(self, epoch: int) -> None:
-        if self.unfreeze_at_epoch is not None and epoch >= self.unfreeze_at_epoch:
+        frozen = any(not p.requires_grad for p in self.model.parameters())
+        if self.unfreeze_at_epoch is not None and epoch >= self.unfreeze_at_epoch and frozen:
             set_backbone_trainable(self.model, True)
+            if distributed.world_size() > 1:  # DDP reduces only the parameters trainable when it wrapped
+                self._build_train_model()
         t0, teacher0 = time.perf_counter(), getattr(self.criterion, "teacher_seconds", None)
         train_loss, seen = self.train_one_epoch(epoch)
         epoch_time = time.perf_counter() - t0
@@ -221,8 +213,8 @@ class Trainer:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch, start=first * self.train_loader.batch_size)
         batches = first + len(self.train_loader)
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.progress,
-                   leave=False, dynamic_ncols=True, initial=first, total=batches)
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False,
+                   disable=not (self.progress and self.is_main), dynamic_ncols=True, initial=first, total=batches)
         if self._resumed_rng is not None:  # the generators as they were after the saved step
             set_rng_state(self._resumed_rng)
             self._resumed_rng = None
@@ -232,33 +224,39 @@ class Trainer:
             labels = labels.to(self.device, non_blocking=True)
             if self.mixup_fn is not None:
                 images, labels = self.mixup_fn(images, labels)  # labels become soft targets (B, classes)
-            loss = self.forward_loss(images, labels)
-            if self.skip_nonfinite and not self._keep_batch(loss, epoch, i):
-                continue
-            self._unchecked.append((loss.detach(), self.step + 1, epoch, i))
-            self.scaler.scale(loss / self.accum_steps).backward()
+            steps = (i + 1) % self.accum_steps == 0 or i + 1 == batches  # else: keep accumulating gradients
+            # while accumulating, DDP need not average every batch's gradients, only their sum
+            with contextlib.nullcontext() if steps else getattr(self.train_model, "no_sync", contextlib.nullcontext)():
+                loss = self.forward_loss(images, labels)
+                if self.skip_nonfinite and not self._keep_batch(loss, epoch, i):
+                    continue
+                self._unchecked.append((loss.detach(), self.step + 1, epoch, i))
+                weight = distributed.last_batch_weight(labels.shape[0], self.device) if i + 1 == batches else 1.0
+                self.scaler.scale(loss * weight / self.accum_steps).backward()
             seen += labels.shape[0]
             window_loss += loss.detach().float()  # summed on the device
             window_batches += 1
-            if (i + 1) % self.accum_steps and i + 1 < batches:
-                continue  # keep accumulating gradients
+            if not steps:
+                continue
             self._optimizer_step()
             self.batch_in_epoch = i + 1
             if self.step % self.log_every == 0:
                 self._check_finite()
                 epoch_loss += window_loss
-                self._log_step(bar, (window_loss / max(1, window_batches)).item())
+                # logged: the mean over the ranks of their windows' mean losses
+                self._log_step(bar, distributed.all_reduce_mean(window_loss / max(1, window_batches)).item())
                 window_loss.zero_()
                 window_batches = 0
             self._checkpoint_mid_epoch()
         self._check_finite()
         epoch_loss += window_loss
-        return epoch_loss.item() / max(1, batches - first), seen
+        seen = int(distributed.all_reduce_sum(torch.tensor(seen)).item())  # images of all ranks
+        return distributed.all_reduce_mean(epoch_loss).item() / max(1, batches - first), seen
 
     def _keep_batch(self, loss: torch.Tensor, epoch: int, batch: int) -> bool:
         """``skip_nonfinite``: drop a batch whose loss is NaN/inf before it reaches the weights (this
         costs one host sync per step, which is why it is opt-in)."""
-        if torch.isfinite(loss).item():
+        if not distributed.any_rank(int(not torch.isfinite(loss).item())):  # all ranks keep the batch, or none
             return True
         self.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -273,7 +271,8 @@ class Trainer:
         touched are never saved; one host sync per check instead of one per step."""
         if not self._unchecked:
             return
-        losses = torch.stack([loss.float() for loss, *_ in self._unchecked]).cpu()
+        losses = torch.stack([loss.float() for loss, *_ in self._unchecked])
+        losses = distributed.all_reduce_sum(losses).cpu()  # NaN when NaN on any rank: all ranks stop together
         unchecked, self._unchecked = self._unchecked, []
         bad = torch.nonzero(~torch.isfinite(losses)).flatten()
         if len(bad) == 0:
@@ -289,12 +288,14 @@ class Trainer:
     def _checkpoint_mid_epoch(self) -> None:
         """Every ``checkpoint_every_steps`` steps, and when a stop signal came: save where we are."""
         every = self.checkpoint_every_steps
-        if self._stop_signal is None and not (every and self.step % every == 0):
+        stop = distributed.any_rank(self._stop_signal or 0)  # every rank stops after the same step
+        if not stop and not (every and self.step % every == 0):
             return
         self._check_finite()
         path = self._save()
-        if self._stop_signal is not None:
-            raise Preempted(self._stop_signal, self.step, path)
+        if stop:
+            distributed.barrier()  # the other ranks exit once rank 0 has written the checkpoint
+            raise Preempted(stop, self.step, path)
 
     def _optimizer_step(self) -> None:
         """Clip, step (through the fp16 grad scaler when on), clear gradients, schedule, update the EMA."""
@@ -327,7 +328,9 @@ class Trainer:
             loss_sum += F.cross_entropy(logits, labels, reduction="sum")
             correct += (logits.argmax(dim=1) == labels).sum()
             total += labels.shape[0]
-        return {"loss": loss_sum.item() / total, "top1": 100.0 * correct.item() / total}
+        # exact over the whole set: each rank scored its own images (none twice), the sums add up
+        correct, total = distributed.all_reduce_sum(torch.stack([correct, correct.new_tensor(total)])).tolist()
+        return {"loss": distributed.all_reduce_sum(loss_sum).item() / total, "top1": 100.0 * correct / total}
 
     def learning_rates(self) -> dict[str, float]:
         """Current learning rate of each part (``backbone``, ``head``)."""
@@ -381,19 +384,17 @@ class Trainer:
         self.best_top1, self.history = state["best_top1"], list(state["history"])
         self.train_time, self.train_images = state["train_time"], state["train_images"]
         self.skipped = state.get("skipped_nonfinite", 0)
-        self._resumed_rng = state["rng"]
+        self._resumed_rng = distributed.own_entry(state.get("rng_ranks"), state["rng"])
 
     def _save(self, val: dict[str, float] | None = None) -> Path:
         """Write ``last.pt`` (and ``best.pt`` when ``val`` is a new best); with ``keep_last`` > 1, also
         keep that many numbered checkpoints. Returns the path written."""
         state = self.state_dict()
-        if val is not None and val["top1"] > self.best_top1:
+        if distributed.world_size() > 1:  # each rank's generators, for an exact resume on as many ranks
+            state["rng_ranks"] = distributed.gather_objects(state["rng"])
+        best = val is not None and val["top1"] > self.best_top1
+        if best:
             self.best_top1 = state["best_top1"] = val["top1"]
-            weights = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "scaler", "rng")}
-            save_checkpoint({**weights, "val": val}, self.ckpt_dir / "best.pt")  # for inference, fine-tuning
-        last = save_checkpoint(state, self.ckpt_dir / "last.pt")
-        if self.keep_last > 1:
-            save_checkpoint(state, self.ckpt_dir / f"step_{self.step:08d}.pt")
-            for old in sorted(self.ckpt_dir.glob("step_*.pt"))[: -self.keep_last]:
-                old.unlink()
-        return last
+        if not self.is_main:  # the ranks hold the same weights: rank 0 writes them
+            return self.ckpt_dir / "last.pt"
+        return write_checkpoints(state, self.ckpt_dir, val if best else None, self.keep_last)

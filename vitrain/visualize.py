@@ -261,6 +261,17 @@ def log_figures(writer: Any, model: nn.Module, image: torch.Tensor, step: int, m
     return tags
 
 
+def log_end_of_training(log_dir: str | Path, model: nn.Module, val_set: Any, step: int, mean: Sequence[float],
+                        std: Sequence[float], class_names: Sequence[str] | None = None) -> list[str]:
+    """``trainer.log_images=true``: the figures of the first validation image, logged to the run's TensorBoard
+    at the last step (one explicit-attention forward pass, after training)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    image, _ = val_set[0]
+    with SummaryWriter(str(log_dir)) as writer:
+        return log_figures(writer, model, image, step, mean, std, class_names)
+
+
 def load_image(path: str | Path, transform: Any) -> torch.Tensor:
     """One image file through ``transform``, or a one-line DataError that says what to give instead."""
     path = Path(path)
