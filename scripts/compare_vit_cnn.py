@@ -38,6 +38,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from _bench_utils import CPU_ATTENTION_FLOPS
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
@@ -100,8 +101,9 @@ def timed(fn: Callable[[], Any], warmup: int, iters: int) -> float:
 
 def forward_flops(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     """FLOPs of one forward pass by op, as torch's FlopCounterMode counts them: matmuls, convolutions and
-    attention only, two FLOPs per multiply-add (norms, activations and additions are not counted)."""
-    with FlopCounterMode(display=False) as counter:
+    attention only (the CPU attention kernel included), two FLOPs per multiply-add (norms, activations and
+    additions are not counted)."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         model(x)
     return {str(op): float(n) for op, n in counter.get_flop_counts()["Global"].items()}
 
