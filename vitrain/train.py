@@ -28,6 +28,7 @@ from vitrain.data.gpu import build_device_loaders, resolve_pipeline
 from vitrain.distill import TeacherInputs, build_criterion
 from vitrain.distributed import (
     World,
+    barrier,
     broadcast_object,
     close_distributed,
     init_distributed,
@@ -249,7 +250,9 @@ def main(cfg: DictConfig) -> float:
     run_dir = HydraConfig.get().runtime.output_dir
     rank = torchrun_world().rank
     try:
-        return train(cfg, run_dir)["final_top1"]
+        top1 = train(cfg, run_dir)["final_top1"]
+        barrier()  # every rank done before any leaves the group: gloo aborts a rank whose peer is already gone
+        return top1
     except Preempted as e:
         overrides = " ".join(o for o in HydraConfig.get().overrides.task if not o.startswith("trainer.resume="))
         if rank == 0:
