@@ -9,6 +9,7 @@ trainer calls them without branching on the world size.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,8 +106,12 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> tuple[World
 
 
 def close_distributed() -> None:
-    """Leave the process group (if this process joined one)."""
+    """Leave the process group (if this process joined one). The trainer's DistributedDataParallel wrapper
+    sits in reference cycles; collected later, at interpreter exit, it would tear down gloo's threads after
+    the group is gone and abort the process ("terminate called without an active exception"). So collect
+    it first, while the group is still there."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
