@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import time
@@ -35,10 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
-from _bench_utils import CPU_ATTENTION_FLOPS
+from _bench_utils import CPU_ATTENTION_FLOPS, describe_machine
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
@@ -476,14 +474,6 @@ def report(results: dict, args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- main
-def machine() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "timm": timm.__version__, "python": platform.python_version()}
-
-
 QUICK = dict(models=["vit_ti", "deit_ti", "resnet18"], fraction_models=["vit_ti", "deit_ti", "resnet18"],
              cost_models=["vit_ti", "resnet18"], fractions=[0.05, 0.1], seeds=[0], epochs=1, sizes=[64, 96],
              batch=1, warmup=0, iters=1)
@@ -522,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict:
     results.setdefault("runs", {})
     results.setdefault("digits_models", {})
     results.setdefault("wall_s", {})
-    results["machine"] = machine()
+    results["machine"] = describe_machine(torch.device("cpu"))  # CPU, cores, threads, versions, load
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:

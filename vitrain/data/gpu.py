@@ -21,6 +21,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from vitrain.data.datasets import ArrayDataset
+from vitrain.data.transforms import check_re_prob
 from vitrain.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -51,8 +52,7 @@ class GpuAugment:
         if interpolation not in TENSOR_INTERPOLATIONS:
             raise ConfigError(f"data.interpolation='{interpolation}' does not run on image tensors; "
                               f"use one of {', '.join(TENSOR_INTERPOLATIONS)}")
-        if not 0 <= re_prob <= 1:
-            raise ConfigError(f"data.re_prob is a probability: set it in [0, 1] (0 disables), got {re_prob}")
+        check_re_prob(re_prob)
         if crop_padding < 0:
             raise ConfigError(f"data.crop_padding must be >= 0, got {crop_padding}")
         self.img_size, self.train, self.crop_padding, self.hflip = img_size, train, crop_padding, hflip

@@ -18,6 +18,12 @@ from torchvision.transforms import InterpolationMode, v2
 from vitrain.errors import ConfigError
 
 
+def check_re_prob(re_prob: float) -> None:
+    """``data.re_prob``, the random-erasing probability, for the per-image and the batched paths alike."""
+    if not 0 <= re_prob <= 1:
+        raise ConfigError(f"data.re_prob is a probability: set it in [0, 1] (0 disables), got {re_prob}")
+
+
 def build_transforms(
     img_size: int,
     mean: Sequence[float],
@@ -37,8 +43,7 @@ def build_transforms(
     As in timm, colour jitter is off when RandAugment is on: the policy already changes colours."""
     if color_jitter < 0:
         raise ConfigError(f"data.color_jitter must be >= 0 (0 disables), got {color_jitter}")
-    if not 0 <= re_prob <= 1:
-        raise ConfigError(f"data.re_prob is a probability: set it in [0, 1] (0 disables), got {re_prob}")
+    check_re_prob(re_prob)
     mode = InterpolationMode(interpolation)
     ops: list[Callable] = [v2.ToImage(), v2.Resize(img_size, interpolation=mode, antialias=True)]
     if not train:
