@@ -31,3 +31,13 @@ class Preempted(Exception):
     def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint}")
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), at most ``limit``
+    characters. A message that a data loader worker wrapped in a traceback ("Caught DataError in
+    DataLoader worker ...") gives the original message, its last line."""
+    text = str(error).strip()
+    if "Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text.splitlines()[0][:limit] if text else type(error).__name__
