@@ -47,13 +47,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from vitrain.data import DataSplits, EpochSampler, build_loaders
+from vitrain.data import DataSplits, EpochSampler, cpu_loaders
 from vitrain.data.datasets import ArrayDataset
 from vitrain.data.transforms import build_transforms
 from vitrain.distill import build_criterion
 from vitrain.models import create_model
 from vitrain.optim import build_optimizer, build_scheduler
-from vitrain.trainer import Trainer, autocast_dtype
+from vitrain.runtime import autocast_dtype
+from vitrain.trainer import Loaders, Trainer, TrainerConfig
 
 log = logging.getLogger("benchmark")
 
@@ -232,8 +233,9 @@ def trainer_seconds(parts: dict, device: torch.device, precision: str, workdir: 
     at the epoch end, metrics.json; no progress bar), minus the time spent in its evaluation."""
     synchronize(device)
     start = time.perf_counter()
-    trainer = Trainer(**parts, run_dir=tempfile.mkdtemp(dir=workdir), epochs=1, device=str(device),
-                      precision=precision, progress=False)
+    config = TrainerConfig(epochs=1, device=str(device), precision=precision, progress=False)
+    trainer = Trainer(parts["model"], parts["optimizer"], parts["scheduler"], parts["criterion"],
+                      Loaders(parts["train_loader"], parts["val_loader"]), config, tempfile.mkdtemp(dir=workdir))
     evaluation = [0.0]
     evaluate = trainer.evaluate
 
@@ -258,7 +260,7 @@ def bench_trainer(name: str, device: torch.device, precision: str, batch_size: i
     size = model.patch_embed.img_size
     splits = DataSplits(FixedImages(steps * batch_size, size, 1000), FixedImages(batch_size, size, 1000),
                         [str(c) for c in range(1000)])
-    train_loader, val_loader = build_loaders(splits, batch_size, pin_memory=device.type == "cuda")
+    train_loader, val_loader = cpu_loaders(splits, batch_size, pin_memory=device.type == "cuda")
     optimizer = build_optimizer(model, lr=1e-4)
     parts = dict(model=torch.compile(model) if compile_model else model, optimizer=optimizer,
                  scheduler=build_scheduler(optimizer, total_steps=1, name="constant"),

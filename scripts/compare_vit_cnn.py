@@ -42,11 +42,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitrain.config import compose
+from vitrain.build import build_model
+from vitrain.config import compose, to_config
 from vitrain.errors import ConfigError
 from vitrain.losses import ClassificationLoss
 from vitrain.models.swin import check_window_fit
-from vitrain.train import build_model, train
+from vitrain.train import train
 
 log = logging.getLogger("compare_vit_cnn")
 PARTS = ("cost", "digits", "fraction", "resolution")
@@ -81,7 +82,7 @@ TEACHER = "resnet18"  # DeiT-Ti is hard-distilled from the ResNet-18 trained on 
 
 def model_from_config(overrides: list[str], num_classes: int) -> nn.Module:
     """The model that `python -m vitrain.train <overrides>` would train (fresh weights)."""
-    return build_model(compose(overrides).model, num_classes)
+    return build_model(to_config(compose(overrides)).model, num_classes)
 
 
 def timed(fn: Callable[[], Any], warmup: int, iters: int) -> float:

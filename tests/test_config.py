@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from vitrain.config import CONFIG_DIR, compose
+from vitrain.config import CONFIG_DIR, compose, to_config
 from vitrain.models import list_models
 
-GROUPS = ("model", "data", "optimizer", "scheduler", "trainer", "distill")
+GROUPS = ("model", "data", "optimizer", "scheduler", "loss", "trainer", "distill")
 
 
 def test_default_composes_to_the_offline_digits_job() -> None:
@@ -45,6 +45,59 @@ def test_every_model_config_names_a_model_of_its_source(option: str) -> None:
 def test_every_data_config_composes(option: str) -> None:
     cfg = compose([f"data={option}", "data.root=/tmp/x"])
     assert cfg.data.name == option and cfg.data.batch_size > 0
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_of_every_group_becomes_its_schema_object(group: str) -> None:
+    """Each YAML file holds only keys of its group's schema, with values of the right types and ranges."""
+    from vitrain.config import TrainConfig
+
+    fill = {"data": ["data.root=/tmp/x"], "distill": ["distill.teacher.name=resnet18"]}.get(group, [])
+    for option in sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")):
+        cfg = to_config(compose([f"{group}={option}", *fill]))
+        assert isinstance(cfg, TrainConfig)
+        assert type(getattr(cfg, group)).__name__.endswith("Config")
+
+
+def test_every_key_is_declared_for_every_option_of_its_group() -> None:
+    """data.split_seed is one key of DataConfig, not a digits-only one."""
+    cfg = compose(["data=cifar10", "data.split_seed=3"])
+    assert cfg.data.split_seed == 3 and to_config(cfg).data.split_seed == 3
+
+
+def test_extra_model_keys_go_to_the_constructor() -> None:
+    model = to_config(compose(["+model.depth=2", "model=swin_nano"])).model
+    assert model.constructor_kwargs() == {"drop_rate": 0.0, "drop_path_rate": 0.0, "depth": 2, "window_size": 4}
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("trainer.epochs=-3", "trainer.epochs must be positive (at least 1), got -3"),
+    ("trainer.accum_steps=0", "trainer.accum_steps must be positive (at least 1), got 0"),
+    ("trainer.precision=fp8", "unknown trainer.precision 'fp8'"),
+    ("trainer.channels_last=sometimes", "trainer.channels_last must be auto, true or false"),
+    ("trainer.ema_decay=1.5", "trainer.ema_decay must be in (0, 1)"),
+    ("data.batch_size=0", "data.batch_size must be positive, got 0"),
+    ("data.re_prob=2", "data.re_prob is a probability"),
+    ("data.train_fraction=0", "data.train_fraction must be in (0, 1]"),
+    ("data.pipeline=tpu", "unknown data.pipeline 'tpu'"),
+    ("data.mixup=-1", "data.mixup must be >= 0"),
+    ("model.img_size=0", "model.img_size must be positive, got 0"),
+    ("model.drop_path=1.5", "model.drop_path is a rate"),
+    ("model.source=keras", "unknown model source 'keras' (model.source)"),
+    ("optimizer.lr=-1", "optimizer.lr must be positive, got -1"),
+    ("optimizer.layer_decay=2", "optimizer.layer_decay must be in (0, 1]"),
+    ("scheduler.name=linear", "unknown scheduler 'linear' (scheduler.name)"),
+    ("scheduler.warmup_epochs=-1", "scheduler.warmup_epochs must be >= 0"),
+    ("loss.label_smoothing=1.5", "loss.label_smoothing must be in [0, 1), got 1.5"),
+    ("distill.alpha=2", "distill.alpha must be in [0, 1]"),
+])
+def test_out_of_range_values_are_refused_naming_the_key(override: str, message: str) -> None:
+    from vitrain.errors import ConfigError
+
+    extra = ["distill=soft", "distill.teacher.name=resnet18"] if override.startswith("distill") else []
+    with pytest.raises(ConfigError) as e:
+        to_config(compose([*extra, override]))
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
 def test_unknown_key_is_refused() -> None:
@@ -88,7 +141,7 @@ def test_finetune_cifar10_experiment_is_the_seed_recipe() -> None:
 def test_deit_recipe_experiment_has_deits_values() -> None:
     cfg = compose(["experiment=deit_recipe", "model=deit_small"])
     assert cfg.data.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.data.re_prob == 0.25
-    assert (cfg.trainer.mixup, cfg.trainer.cutmix, cfg.trainer.label_smoothing) == (0.8, 1.0, 0.1)
+    assert (cfg.data.mixup, cfg.data.cutmix, cfg.loss.label_smoothing) == (0.8, 1.0, 0.1)
     assert (cfg.model.drop_path, cfg.scheduler.warmup_epochs, cfg.optimizer.weight_decay) == (0.1, 5, 0.05)
     assert (cfg.optimizer.lr, cfg.optimizer.lr_base_batch, cfg.trainer.ema) == (5e-4, 512, True)
     assert cfg.model.name == "deit_small_distilled_patch16_224"  # the recipe leaves the model to the user
@@ -96,14 +149,15 @@ def test_deit_recipe_experiment_has_deits_values() -> None:
 
 def test_linear_probe_experiment_freezes_the_backbone() -> None:
     cfg = compose(["experiment=linear_probe"])
-    assert cfg.optimizer.freeze_backbone and cfg.model.pretrained
+    assert cfg.trainer.freeze_backbone and cfg.model.pretrained
 
 
 def test_lr_scales_with_the_batch_when_asked() -> None:
     from vitrain.models import create_model
-    from vitrain.train import build_optimization
+    from vitrain.optim import optimizer_and_schedule
 
     cfg = compose(["experiment=deit_recipe", "data.batch_size=128", "trainer.accum_steps=2"])
     model = create_model("vit_nano_patch4_16", num_classes=10)
-    optimizer, _ = build_optimization(model, cfg.optimizer, cfg.scheduler, 128 * 2, steps_per_epoch=10, epochs=2)
+    optimizer, _ = optimizer_and_schedule(model, to_config(cfg).optimizer, to_config(cfg).scheduler, 128 * 2,
+                                          steps_per_epoch=10, epochs=2)
     assert [g["initial_lr"] for g in optimizer.param_groups] == pytest.approx([5e-4 * 256 / 512] * 4)

@@ -11,8 +11,8 @@ import timm
 import torch
 import torchvision
 from safetensors.torch import save_file
-from timm.layers import resample_abs_pos_embed, resample_patch_embed, resize_rel_pos_bias_table_simple
-from timm.models.swin_transformer import SwinTransformer
+from timm.layers import pos_embed_rel, resample_abs_pos_embed, resample_patch_embed, resize_rel_pos_bias_table_simple
+from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
 
 import vitrain.models.deit  # noqa: F401  (registers the DeiT variants)
 from vitrain.errors import ConfigError, VitrainError
@@ -22,7 +22,6 @@ from vitrain.models.convert import (
     detect_layout,
     fetch_timm_weights,
     load_pretrained,
-    resample_pos_embed,
     resample_relative_position_bias_table,
 )
 
@@ -164,6 +163,34 @@ def test_swin_release_converts_back_exactly() -> None:
     assert all(torch.equal(converted[k], original[k]) for k in original)
 
 
+@pytest.mark.parametrize("name", ["swin_nano_patch2_window4_32", "swin_tiny_patch4_window7_224"])
+def test_swin_release_rules_equal_timms_checkpoint_filter(name: str) -> None:
+    """Our SWIN_RELEASE table gives, for our models at the release's window, the keys and tensors of
+    timm's checkpoint_filter_fn (max |diff| == 0): the same rules; see convert.SWIN_RELEASE for why
+    timm's function is not called."""
+    torch.manual_seed(0)
+    kwargs = {"depths": (1, 1, 1, 1)} if name.startswith("swin_tiny") else {}
+    model = create_model(name, **kwargs)
+    release = to_swin_release(randomized(create_model(name, **kwargs)).state_dict())
+    assert detect_layout(release) == "swin_release"
+    ours, theirs = convert_state_dict(release, model), checkpoint_filter_fn(release, model)
+    assert list(ours) == list(theirs)
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) == 0.0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # timm's interpolator on newer torch
+def test_timms_swin_filter_resamples_bias_tables_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At another window timm's filter interpolates the tables with BEiT's geometric-progression rule,
+    not bicubically as every other layout is here: the reason convert keeps its own SWIN_RELEASE rules."""
+    monkeypatch.setattr(pos_embed_rel, "_USE_SCIPY", False)  # timm's scipy-free path, whatever is installed
+    torch.manual_seed(0)
+    release = to_swin_release(randomized(small_swin(4)).state_dict())
+    key = "layers.1.blocks.0.attn.relative_position_bias_table"
+    ours, theirs = convert_state_dict(release, small_swin(8))[key], checkpoint_filter_fn(release, small_swin(8))[key]
+    assert ours.shape == theirs.shape == (15 * 15, 4)
+    assert (ours - theirs).abs().max().item() > 1e-3
+
+
 def small_swin(window: int, num_classes: int = 10) -> SwinTransformer:
     return SwinTransformer(img_size=64, patch_size=4, window_size=window, embed_dim=32, depths=(1, 1),
                            num_heads=(2, 4), num_classes=num_classes)
@@ -203,15 +230,6 @@ def test_224_checkpoint_into_384_model_resamples_pos_embed_as_timm(name: str, pr
     expected = resample_abs_pos_embed(old, [24, 24], num_prefix_tokens=prefix)
     assert (got - expected).abs().max().item() <= 1e-5
     assert torch.equal(got[:, :prefix], old[:, :prefix])
-
-
-def test_resample_pos_embed_equals_timm_when_shrinking_with_antialias() -> None:
-    pos = torch.randn(1, 1 + 14 * 14, 8)
-    ours = resample_pos_embed(pos, (8, 6), num_prefix_tokens=1)
-    torch.testing.assert_close(ours, resample_abs_pos_embed(pos, [8, 6], num_prefix_tokens=1), atol=1e-6, rtol=0)
-    assert resample_pos_embed(pos, 14, 1) is pos
-    rect = resample_pos_embed(ours, 14, 1, old_grid=(8, 6))
-    torch.testing.assert_close(rect, resample_abs_pos_embed(ours, [14, 14], [8, 6], 1), atol=1e-6, rtol=0)
 
 
 def test_other_patch_size_resamples_the_patch_embedding_as_timm() -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import CIFAR10_CLASSES, write_cifar10
 
-from vitrain.data import build_datasets, build_loaders
+from vitrain.data import DataConfig, build_datasets, cpu_loaders
 from vitrain.data.datasets import load_cifar, load_digits
 from vitrain.data.transforms import build_transforms
 from vitrain.errors import ConfigError, DataError
@@ -38,7 +38,8 @@ def test_digits_split_depends_on_split_seed_only() -> None:
 
 
 def test_digits_pipeline_upsamples_and_normalizes() -> None:
-    splits = build_datasets("digits", 16, MEAN, STD, crop_padding=0, hflip=False, interpolation="nearest")
+    digits = DataConfig("digits", mean=MEAN, std=STD, crop_padding=0, hflip=False, interpolation="nearest")
+    splits = build_datasets(digits, 16)
     image, label = splits.val[0]
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32
     assert image.min() >= -1.0 and image.max() <= 1.0
@@ -72,7 +73,7 @@ def test_cifar_folder_in_the_archive_layout_loads(tmp_path: Path) -> None:
 
 
 def test_cifar_through_build_datasets_resizes(cifar10_root: Path) -> None:
-    splits = build_datasets("cifar10", 48, MEAN, STD, root=cifar10_root, download=False)
+    splits = build_datasets(DataConfig("cifar10", mean=MEAN, std=STD, root=cifar10_root, download=False), 48)
     assert splits.train[0][0].shape == (3, 48, 48)
     assert splits.class_names == CIFAR10_CLASSES
 
@@ -104,7 +105,7 @@ def test_corrupt_cifar_batch_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_imagefolder_loads_pngs(imagefolder_root: Path) -> None:
-    splits = build_datasets("imagefolder", 32, MEAN, STD, root=imagefolder_root)
+    splits = build_datasets(DataConfig("imagefolder", mean=MEAN, std=STD, root=imagefolder_root), 32)
     assert splits.class_names == ["circle", "square"]
     assert (len(splits.train), len(splits.val)) == (12, 4)
     image, label = splits.val[3]
@@ -116,21 +117,21 @@ def test_imagefolder_missing_split(imagefolder_root: Path) -> None:
 
     shutil.rmtree(imagefolder_root / "val")
     with pytest.raises(DataError, match=r"no images under .*val .*<class_name>"):
-        build_datasets("imagefolder", 32, MEAN, STD, root=imagefolder_root)
+        build_datasets(DataConfig("imagefolder", mean=MEAN, std=STD, root=imagefolder_root), 32)
 
 
 def test_unknown_dataset() -> None:
     with pytest.raises(ConfigError, match="unknown data set 'mnist'.*digits, cifar10"):
-        build_datasets("mnist", 32, MEAN, STD)
+        build_datasets(DataConfig("mnist", mean=MEAN, std=STD), 32)
 
 
 def test_loaders_fix_the_order_by_seed() -> None:
-    splits = build_datasets("digits", 16, MEAN, STD)
-    first = [next(iter(build_loaders(splits, 8, seed=3)[0]))[1] for _ in range(2)]
-    other = next(iter(build_loaders(splits, 8, seed=4)[0]))[1]
+    splits = build_datasets(DataConfig("digits", mean=MEAN, std=STD), 16)
+    first = [next(iter(cpu_loaders(splits, 8, seed=3)[0]))[1] for _ in range(2)]
+    other = next(iter(cpu_loaders(splits, 8, seed=4)[0]))[1]
     assert torch.equal(first[0], first[1]) and not torch.equal(first[0], other)
     with pytest.raises(ConfigError, match="batch_size must be positive"):
-        build_loaders(splits, 0)
+        cpu_loaders(splits, 0)
 
 
 def _seed(seed: int) -> None:
@@ -146,8 +147,8 @@ def _noise_image(size: int, low: int = 0, high: int = 256) -> torch.Tensor:
 
 @pytest.mark.parametrize("classes", [[5, 6, 7, 8, 9], [7, 2]])
 def test_digits_class_subset_keeps_every_image_of_those_classes_relabelled(classes: list[int]) -> None:
-    full = build_datasets("digits", 8, MEAN, STD)
-    sub = build_datasets("digits", 8, MEAN, STD, classes=classes)
+    full = build_datasets(DataConfig("digits", mean=MEAN, std=STD), 8)
+    sub = build_datasets(DataConfig("digits", mean=MEAN, std=STD, classes=classes), 8)
     assert sub.class_names == [str(c) for c in classes] and sub.num_classes == len(classes)
     for split in ("train", "val"):
         before, after = getattr(full, split), getattr(sub, split)
@@ -160,15 +161,16 @@ def test_digits_class_subset_keeps_every_image_of_those_classes_relabelled(class
 
 
 def test_class_subset_of_cifar_and_imagefolder(cifar10_root: Path, imagefolder_root: Path) -> None:
-    full = build_datasets("cifar10", 32, MEAN, STD, root=cifar10_root, download=False)
-    sub = build_datasets("cifar10", 32, MEAN, STD, root=cifar10_root, download=False, classes=[5, 3])
+    full = build_datasets(DataConfig("cifar10", mean=MEAN, std=STD, root=cifar10_root, download=False), 32)
+    sub = build_datasets(DataConfig("cifar10", mean=MEAN, std=STD, root=cifar10_root, download=False,
+                                    classes=[5, 3]), 32)
     assert sub.class_names == ["dog", "cat"]
     keep = (full.val.labels == 5) | (full.val.labels == 3)
     assert len(sub.val) == int(keep.sum()) > 0
     assert sub.val.labels.tolist() == [0 if y == 5 else 1 for y in full.val.labels[keep].tolist()]
     torch.testing.assert_close(sub.val.images, full.val.images[keep])
 
-    folders = build_datasets("imagefolder", 32, MEAN, STD, root=imagefolder_root, classes=[1])
+    folders = build_datasets(DataConfig("imagefolder", mean=MEAN, std=STD, root=imagefolder_root, classes=[1]), 32)
     assert folders.class_names == ["square"] and (len(folders.train), len(folders.val)) == (6, 2)
     assert folders.train.targets == [0] * 6 and all("/square/" in path for path, _ in folders.train.samples)
     assert folders.val[1][1] == 0 and folders.val[1][0].shape == (3, 32, 32)
@@ -177,7 +179,7 @@ def test_class_subset_of_cifar_and_imagefolder(cifar10_root: Path, imagefolder_r
 @pytest.mark.parametrize("classes", [[10], [-1, 2], [], [2, 2], "5", [1.5]])
 def test_bad_classes_is_a_one_line_config_error(classes: object) -> None:
     with pytest.raises(ConfigError, match=r"^data\.classes") as e:
-        build_datasets("digits", 8, MEAN, STD, classes=classes)
+        build_datasets(DataConfig("digits", mean=MEAN, std=STD, classes=classes), 8)
     assert "\n" not in str(e.value)
     if classes in ([10], [-1, 2]):
         assert "0..9 for digits" in str(e.value)
@@ -190,7 +192,7 @@ def test_classes_missing_from_a_split_is_a_data_error(tmp_path: Path) -> None:
     entry["labels"] = [0] * len(entry["labels"])  # no test image of class 1
     test_batch.write_bytes(pickle.dumps(entry))
     with pytest.raises(DataError, match=r"^cifar10 has no val images of data.classes=\[1\]"):
-        build_datasets("cifar10", 32, MEAN, STD, root=tmp_path, download=False, classes=[1])
+        build_datasets(DataConfig("cifar10", mean=MEAN, std=STD, root=tmp_path, download=False, classes=[1]), 32)
 
 
 def test_rand_augment_changes_train_images_only() -> None:
@@ -204,7 +206,7 @@ def test_rand_augment_changes_train_images_only() -> None:
     assert all(o.shape == (3, 16, 16) and o.dtype == torch.float32 for o in outputs)
     assert all(o.min() >= -1.0 and o.max() <= 1.0 for o in outputs)  # still uint8 levels, normalized
 
-    splits = build_datasets("digits", 16, MEAN, STD, auto_augment="rand-m9-mstd0.5-inc1")
+    splits = build_datasets(DataConfig("digits", mean=MEAN, std=STD, auto_augment="rand-m9-mstd0.5-inc1"), 16)
     assert any(type(t).__name__ == "RandAugment" for t in splits.train.transform.transforms)
     assert not any(type(t).__name__ == "RandAugment" for t in splits.val.transform.transforms)
     _seed(0)
@@ -262,7 +264,7 @@ def test_random_erasing_replaces_one_rectangle_after_normalization() -> None:
         assert out[changed].abs().max() > 1.0  # N(0, 1) noise, beyond the [-1, 1] of normalized pixels
         _seed(seed)
         assert torch.equal(erase(image), out)  # the seed fixes the rectangle
-    evaluate = build_datasets("digits", 16, MEAN, STD, re_prob=1.0).val.transform
+    evaluate = build_datasets(DataConfig("digits", mean=MEAN, std=STD, re_prob=1.0), 16).val.transform
     assert not any(type(t).__name__ == "RandomErasing" for t in evaluate.transforms)
 
 
@@ -279,13 +281,13 @@ def test_bad_augmentation_settings_are_one_line_errors(setting: dict, match: str
 
 
 def test_data_config_keys_reach_build_datasets() -> None:
-    from vitrain.config import compose
+    from vitrain.config import compose, to_config
 
     d = compose(["data.classes=[5,6,7,8,9]", "data.auto_augment=rand-m9-mstd0.5-inc1",
                  "data.color_jitter=0.4", "data.re_prob=0.25"]).data
     assert (d.auto_augment, d.color_jitter, d.re_prob) == ("rand-m9-mstd0.5-inc1", 0.4, 0.25)
-    splits = build_datasets(d.name, 16, d.mean, d.std, auto_augment=d.auto_augment, color_jitter=d.color_jitter,
-                            re_prob=d.re_prob, classes=d.classes)
+    splits = build_datasets(to_config(compose(["data.classes=[5,6,7,8,9]", "data.auto_augment=rand-m9-mstd0.5-inc1",
+                                               "data.color_jitter=0.4", "data.re_prob=0.25"])).data, 16)
     assert splits.class_names == ["5", "6", "7", "8", "9"] and set(splits.train.labels.tolist()) == set(range(5))
     image, label = splits.train[0]
     assert image.shape == (3, 16, 16) and 0 <= label < 5
@@ -294,13 +296,13 @@ def test_data_config_keys_reach_build_datasets() -> None:
 
 
 def test_train_fraction_keeps_a_stratified_share() -> None:
-    full = build_datasets("digits", 16, MEAN, STD)
-    part = build_datasets("digits", 16, MEAN, STD, train_fraction=0.2)
+    full = build_datasets(DataConfig("digits", mean=MEAN, std=STD), 16)
+    part = build_datasets(DataConfig("digits", mean=MEAN, std=STD, train_fraction=0.2), 16)
     full_counts = np.bincount(full.train.labels.numpy())
     part_labels = np.array([part.train[i][1] for i in range(len(part.train))])
     np.testing.assert_array_equal(np.bincount(part_labels), np.round(full_counts * 0.2).astype(int))
     assert len(part.val) == len(full.val) == 360  # the test set is untouched
-    again = build_datasets("digits", 16, MEAN, STD, train_fraction=0.2)
+    again = build_datasets(DataConfig("digits", mean=MEAN, std=STD, train_fraction=0.2), 16)
     assert part.train.indices == again.train.indices  # the same images every time
     with pytest.raises(ConfigError, match="data.train_fraction must be in"):
-        build_datasets("digits", 16, MEAN, STD, train_fraction=0.0)
+        build_datasets(DataConfig("digits", mean=MEAN, std=STD, train_fraction=0.0), 16)

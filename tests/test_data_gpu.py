@@ -14,9 +14,9 @@ import torch
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Subset
 
-from vitrain.data import EpochSampler, build_datasets
+from vitrain.data import DataConfig, EpochSampler, build_datasets
 from vitrain.data.datasets import load_digits, load_imagefolder
-from vitrain.data.gpu import DeviceLoader, GpuAugment, build_device_loaders, in_memory_arrays, resolve_pipeline
+from vitrain.data.gpu import DeviceLoader, GpuAugment, gpu_loaders, in_memory_arrays, resolve_pipeline
 from vitrain.data.transforms import build_transforms
 from vitrain.errors import ConfigError
 
@@ -290,7 +290,7 @@ def test_in_memory_arrays_of_subsets_and_image_folders(imagefolder_root: Path) -
     assert torch.equal(images, train.images[[7, 3]]) and torch.equal(labels, train.labels[[7, 3]])
     assert images.dtype == torch.uint8 and images.shape == (2, 3, 8, 8)
     assert in_memory_arrays(train)[0] is train.images
-    part = build_datasets("digits", 16, MEAN, STD, train_fraction=0.2).train
+    part = build_datasets(DataConfig("digits", mean=MEAN, std=STD, train_fraction=0.2), 16).train
     assert torch.equal(in_memory_arrays(part)[1], part.dataset.labels[part.indices])
     assert in_memory_arrays(load_imagefolder(imagefolder_root)[0]) is None
 
@@ -348,9 +348,9 @@ def test_bad_augment_settings_are_config_errors(setting: dict, match: str) -> No
         GpuAugment(16, MEAN, STD, True, **setting)
 
 
-def test_build_device_loaders_on_digits() -> None:
-    splits = build_datasets("digits", 16, MEAN, STD, train_fraction=0.5)
-    train, val = build_device_loaders(splits, 16, MEAN, STD, 64, "cpu", seed=2, re_prob=0.25)
+def test_gpu_loaders_on_digits() -> None:
+    splits = build_datasets(DataConfig("digits", mean=MEAN, std=STD, train_fraction=0.5), 16)
+    train, val = gpu_loaders(splits, 16, MEAN, STD, 64, "cpu", seed=2, re_prob=0.25)
     assert isinstance(train.sampler, EpochSampler) and train.sampler.seed == 2
     assert len(train) == math.ceil(len(splits.train) / 64) and len(val) == math.ceil(360 / 64)
     x, y = next(iter(train))
@@ -359,14 +359,14 @@ def test_build_device_loaders_on_digits() -> None:
     torch.testing.assert_close(torch.cat([x for x, _ in val]), torch.stack(images), atol=1e-6, rtol=0)
     assert torch.cat([y for _, y in val]).tolist() == list(labels)  # in order, the CPU eval transform
     backwards = list(range(len(splits.val)))[::-1]
-    _, val = build_device_loaders(splits, 16, MEAN, STD, 64, "cpu", val_sampler=backwards)
+    _, val = gpu_loaders(splits, 16, MEAN, STD, 64, "cpu", val_sampler=backwards)
     assert torch.cat([y for _, y in val]).tolist() == list(labels)[::-1]
 
 
-def test_build_device_loaders_refuses_image_folders(imagefolder_root: Path) -> None:
-    splits = build_datasets("imagefolder", 16, MEAN, STD, root=imagefolder_root)
+def test_gpu_loaders_refuses_image_folders(imagefolder_root: Path) -> None:
+    splits = build_datasets(DataConfig("imagefolder", mean=MEAN, std=STD, root=imagefolder_root), 16)
     with pytest.raises(ConfigError, match=r"^data\.pipeline=gpu needs an in-memory data set .*use data\.pipeline=cpu$"):
-        build_device_loaders(splits, 16, MEAN, STD, 4, "cpu")
+        gpu_loaders(splits, 16, MEAN, STD, 4, "cpu")
 
 
 @pytest.mark.gpu

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vitrain.checkpoint import load_checkpoint
-from vitrain.config import compose
+from vitrain.config import compose, to_config
 from vitrain.distill import (
     DistillationLoss,
     TeacherInputs,
@@ -107,7 +107,7 @@ def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_student_trains_from_a_vitrain_teacher_which_stays_frozen(mode: str, teacher_run: Path,
                                                                    tmp_path: Path) -> None:
     cfg = compose(["experiment=digits_distill", f"distill={mode}", f"distill.teacher.checkpoint={teacher_run}",
-                   "trainer.epochs=1", "data.batch_size=64", "trainer.progress=false", "trainer.mixup=0.8"])
+                   "trainer.epochs=1", "data.batch_size=64", "trainer.progress=false", "data.mixup=0.8"])
     metrics = train(cfg, tmp_path)
     assert metrics["steps"] == 22  # mixup keeps the 22 full batches of 64
     assert 0 < metrics["history"][0]["teacher_time_share"] < 1
@@ -122,17 +122,18 @@ def test_teacher_weights_are_bit_identical_after_training_steps(teacher_run: Pat
     teacher = create_model("resnet18", num_classes=10, img_size=32, source="timm", checkpoint=teacher_run)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     cfg = compose(["experiment=digits_distill", f"distill.teacher.checkpoint={teacher_run}"])
-    from vitrain.train import build_data, build_loaders
+    from vitrain.data import build_datasets, cpu_loaders
+    from vitrain.trainer import Loaders, TrainerConfig
 
-    splits = build_data(cfg.data, 16)
-    loader = build_loaders(splits, 64)[0]
+    splits = build_datasets(to_config(cfg).data, 16)
+    loader = cpu_loaders(splits, 64)[0]
     student = create_model("deit_nano_distilled_patch4_16", num_classes=10)
     criterion = build_criterion("soft", teacher=teacher, teacher_inputs=TeacherInputs([0.5] * 3, [0.5] * 3, size=32))
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
     trainer = Trainer(student, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), criterion,
-                      loader, loader, tmp_path, epochs=1, progress=False)
+                      Loaders(loader, loader), TrainerConfig(epochs=1, progress=False), tmp_path)
     trainer.train_one_epoch(0)
-    assert trainer.step == 23
+    assert trainer.state.step == 23
     assert not teacher.training and all(p.grad is None for p in teacher.parameters())
     for key, value in teacher.state_dict().items():  # batch-norm statistics included
         assert torch.equal(value, before[key]), key

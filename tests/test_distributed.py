@@ -14,15 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitrain.checkpoint import load_checkpoint
-from vitrain.config import compose
+from vitrain.checkpoint import check_resume_position, load_checkpoint
+from vitrain.config import compose, to_config
 from vitrain.data import EpochSampler, ShardedEpochSampler, ShardSampler
 from vitrain.data.gpu import DeviceLoader, GpuAugment
 from vitrain.distributed import init_distributed
 from vitrain.errors import ConfigError
 from vitrain.evaluate import evaluate_checkpoint
 from vitrain.models import create_model
-from vitrain.train import build_optimization, check_resume_position, train
+from vitrain.optim import optimizer_and_schedule
+from vitrain.train import train
 
 
 def shards(size: int, world: int, batch: int, drop_last: bool = False, epoch: int = 3) -> list[list[list[int]]]:
@@ -115,10 +116,10 @@ def test_bad_backend_settings_are_one_line_errors(monkeypatch: pytest.MonkeyPatc
 
 def test_scale_lr_follows_the_global_batch() -> None:
     """DeiT's rule over all processes: lr x (batch_size x accum_steps x processes) / 512."""
-    cfg = compose(["optimizer.scale_lr=true", "optimizer.lr=5e-4"])
+    cfg = to_config(compose(["optimizer.scale_lr=true", "optimizer.lr=5e-4"]))
     model = create_model("vit_nano_patch4_16", num_classes=10)
     for global_batch in (64 * 4 * 2, 64):  # batch_size 64, accum_steps 4, 2 processes; one process
-        optimizer, _ = build_optimization(model, cfg.optimizer, cfg.scheduler, global_batch, 10, 1)
+        optimizer, _ = optimizer_and_schedule(model, cfg.optimizer, cfg.scheduler, global_batch, 10, 1)
         assert {g["initial_lr"] for g in optimizer.param_groups} == {5e-4 * global_batch / 512}
 
 
@@ -191,7 +192,7 @@ def test_two_processes_train_and_evaluate_like_one_with_the_global_batch(tmp_pat
 # random crops (on the device-side data path), drop path, mixup (and with it drop_last), EMA: every
 # rank's own randomness must come back on resume
 RANDOM = [*SMALL, "trainer.epochs=3", "data.batch_size=16", "data.pipeline=gpu", "model.drop_path=0.1",
-          "trainer.mixup=0.5", "trainer.ema=true", "trainer.ema_decay=0.9"]
+          "data.mixup=0.5", "trainer.ema=true", "trainer.ema_decay=0.9"]
 
 
 def worker_pid(parent: int, rank: int) -> int | None:

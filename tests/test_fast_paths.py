@@ -11,13 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vitrain.build import enable_grad_checkpointing
 from vitrain.config import compose
 from vitrain.errors import ConfigError
 from vitrain.losses import ClassificationLoss
 from vitrain.models import create_model
 from vitrain.optim import build_optimizer, build_scheduler
-from vitrain.train import enable_grad_checkpointing, is_cnn, train, use_channels_last
-from vitrain.trainer import Trainer
+from vitrain.runtime import is_cnn, use_channels_last
+from vitrain.train import train
+from vitrain.trainer import Loaders, Trainer, TrainerConfig
 
 SMOKE = ["trainer.epochs=1", "data.batch_size=720", "trainer.progress=false"]  # 1437 digits: 2 steps
 
@@ -60,7 +62,7 @@ def test_grad_checkpointing_is_off_in_eval_and_without_grad() -> None:
 
 
 def test_a_model_without_checkpointing_is_a_one_line_config_error() -> None:
-    with pytest.raises(ConfigError, match="trainer.grad_checkpointing=false") as info:
+    with pytest.raises(ConfigError, match="model.grad_checkpointing=false") as info:
         enable_grad_checkpointing(torch.nn.Linear(2, 2), "linear")
     assert "\n" not in str(info.value)
 
@@ -73,8 +75,8 @@ def fit_losses(tmp_path: Path, compile: bool) -> tuple[list[float], dict[str, to
     data = [(torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(4)]
     optimizer = build_optimizer(model, lr=1e-3)
     scheduler = build_scheduler(optimizer, total_steps=8, name="constant")
-    trainer = Trainer(model, optimizer, scheduler, ClassificationLoss(), data, data[:1], tmp_path, epochs=2,
-                      progress=False, compile=compile, grad_clip=None)
+    trainer = Trainer(model, optimizer, scheduler, ClassificationLoss(), Loaders(data, data[:1]),
+                      TrainerConfig(epochs=2, progress=False, compile=compile, grad_clip=None), tmp_path)
     trainer.fit()
     history = json.loads((tmp_path / "metrics.json").read_text())["history"]
     return [epoch["train_loss"] for epoch in history], {k: v.clone() for k, v in model.state_dict().items()}

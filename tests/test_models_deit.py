@@ -1,15 +1,20 @@
-"""DeiT: the variants have timm's names and shapes, timm's weights give timm's logits, the two heads."""
+"""DeiT: the variants have timm's names and shapes, timm's weights give timm's logits, the two heads; and
+the resampling of position embeddings (and Swin's bias tables) against vitrain's former copies."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 
 from vitrain.errors import ConfigError
 from vitrain.models import create_model, deit, list_models
+from vitrain.models.convert import resample_pos_embed, resample_relative_position_bias_table
 from vitrain.models.vit import VisionTransformer
 
 PLAIN = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
@@ -125,3 +130,66 @@ def test_reset_classifier_resets_both_heads() -> None:
 def test_average_pooling_is_refused() -> None:
     with pytest.raises(ConfigError, match="set model.global_pool=token"):
         create_model("deit_tiny_distilled_patch16_224", global_pool="avg")
+
+
+# --- position embeddings at another resolution (vitrain.models.convert, prefix tokens kept) ------------
+
+def former_pos_embed_resample(pos: torch.Tensor, new: tuple, prefix: int, old: tuple) -> torch.Tensor:
+    """vitrain's own resampling before it called timm: the patch positions as an image, bicubic, antialiased."""
+    grid = pos[:, prefix:].reshape(1, *old, pos.shape[-1]).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=new, mode="bicubic", align_corners=False, antialias=True)
+    return torch.cat([pos[:, :prefix], grid.permute(0, 2, 3, 1).reshape(1, -1, pos.shape[-1]).to(pos.dtype)], 1)
+
+
+@pytest.mark.parametrize("old,new,prefix,dtype", [
+    ((14, 14), (24, 24), 1, torch.float32), ((14, 14), (8, 6), 2, torch.float32),
+    ((8, 6), (14, 14), 0, torch.float32), ((14, 14), (10, 10), 1, torch.bfloat16),
+])
+def test_pos_embed_resampling_gives_the_former_numbers(old: tuple, new: tuple, prefix: int, dtype) -> None:
+    """timm's resample_abs_pos_embed, as called, equals vitrain's former copy: max |diff| <= 1e-6 (0 in
+    practice), prefix tokens kept bit for bit, for 0, 1 and 2 prefix tokens, rectangles and bfloat16."""
+    pos = torch.randn(1, prefix + old[0] * old[1], 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    got = resample_pos_embed(pos, new, prefix, old_grid=None if old[0] == old[1] else old)
+    expected = former_pos_embed_resample(pos, new, prefix, old)
+    assert got.shape == (1, prefix + new[0] * new[1], 8) and got.dtype == dtype
+    assert (got.float() - expected.float()).abs().max().item() <= 1e-6
+    assert torch.equal(got[:, :prefix], pos[:, :prefix])
+
+
+def test_pos_embed_of_a_non_square_grid_needs_its_size() -> None:
+    with pytest.raises(ConfigError, match="pos_embed has 48 patch positions, not a square grid; pass old_grid"):
+        resample_pos_embed(torch.zeros(1, 1 + 48, 4), 7)
+
+
+def test_resample_pos_embed_equals_timm_when_shrinking_with_antialias() -> None:
+    pos = torch.randn(1, 1 + 14 * 14, 8)
+    ours = resample_pos_embed(pos, (8, 6), num_prefix_tokens=1)
+    torch.testing.assert_close(ours, resample_abs_pos_embed(pos, [8, 6], num_prefix_tokens=1), atol=1e-6, rtol=0)
+    assert resample_pos_embed(pos, 14, 1) is pos
+    rect = resample_pos_embed(ours, 14, 1, old_grid=(8, 6))
+    torch.testing.assert_close(rect, resample_abs_pos_embed(ours, [14, 14], [8, 6], 1), atol=1e-6, rtol=0)
+
+
+# --- Swin's bias tables at another window (vitrain.models.convert), beside the position embeddings ------
+
+
+def former_bias_table_resample(table: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """vitrain's own resampling before it called timm: each head's table as a (2w-1)^2 image, bicubic."""
+    side, heads = math.isqrt(table.shape[0]), table.shape[1]
+    image = F.interpolate(table.T.reshape(1, heads, side, side).float(), size=(2 * window[0] - 1, 2 * window[1] - 1),
+                          mode="bicubic", align_corners=False)
+    return image.reshape(heads, -1).T.contiguous().to(table.dtype)
+
+
+@pytest.mark.parametrize("side,window,dtype", [(13, (12, 12), torch.float32), (13, (4, 4), torch.float32),
+                                               (7, (4, 7), torch.float32), (13, (12, 12), torch.float16),
+                                               (7, (12, 12), torch.bfloat16)])
+def test_bias_table_resampling_gives_the_former_numbers(side: int, window: tuple, dtype: torch.dtype) -> None:
+    """timm's resize_rel_pos_bias_table_simple, as called, equals vitrain's former copy: max |diff| <= 1e-6
+    (0 in practice), also for a non-square window and in half precision (interpolated in float32)."""
+    table = torch.randn(side * side, 3, generator=torch.Generator().manual_seed(0)).to(dtype)
+    got, expected = resample_relative_position_bias_table(table, window), former_bias_table_resample(table, window)
+    assert got.shape == expected.shape and got.dtype == dtype and got.is_contiguous()
+    assert (got.float() - expected.float()).abs().max().item() <= 1e-6
+    with pytest.raises(ConfigError, match="relative_position_bias_table has 12 rows, not the .* square window"):
+        resample_relative_position_bias_table(torch.zeros(12, 2), 4)

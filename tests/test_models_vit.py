@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from vitrain.errors import ConfigError
-from vitrain.models import VisionTransformer, create_model, list_models
-from vitrain.models.layers import Attention, PatchEmbed
+from vitrain.models import VisionTransformer, create_model, init_linear, list_models, new_classifier
+from vitrain.models.layers import Attention, PatchEmbed, to_2tuple
 
 VARIANTS = list_models("vit_*")
 IMAGENET_VARIANTS = [n for n in VARIANTS if n.endswith("_224")]
@@ -129,6 +129,47 @@ def test_init_follows_timm() -> None:
     assert qkv.abs().max().item() <= 2.0
     assert model.cls_token.abs().max().item() < 1e-4
     assert torch.count_nonzero(model.head.bias) == 0
+
+
+def test_fresh_classifier_is_trunc_normal_with_zero_bias() -> None:
+    """One init for every fresh classifier: new_classifier draws nn.Linear's default, then init_linear's
+    truncated normal (the order of draws the models always had), so seeded heads are reproducible."""
+    torch.manual_seed(0)
+    head = new_classifier(384, 1000)
+    torch.manual_seed(0)
+    expected = torch.nn.Linear(384, 1000)
+    torch.nn.init.trunc_normal_(expected.weight, std=0.02)
+    assert torch.equal(head.weight, expected.weight) and torch.count_nonzero(head.bias) == 0
+    assert abs(head.weight.std().item() - 0.02) < 0.001 and head.weight.abs().max().item() <= 2.0
+    assert isinstance(new_classifier(384, 0), torch.nn.Identity)
+    no_bias = torch.nn.Linear(4, 4, bias=False)
+    init_linear(no_bias)
+    assert no_bias.bias is None
+
+
+@pytest.mark.parametrize("name", ["vit_nano_patch4_16", "deit_nano_distilled_patch4_16", "swin_nano_patch2_window4_32"])
+def test_reset_classifier_and_reset_head_draw_fresh_seeded_heads(name: str) -> None:
+    """model.reset_classifier and create_model(reset_head=True) give trunc-normal heads with zero bias,
+    the same ones under the same seed."""
+    def heads(model: torch.nn.Module) -> list[torch.Tensor]:
+        return [p.detach().clone() for n, p in model.named_parameters() if n.startswith("head")]
+
+    for reset in (lambda m: m.reset_classifier(5), lambda m: None):
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            model = create_model(name, num_classes=10, reset_head=True)
+            reset(model)
+            runs.append(heads(model))
+        assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+        assert all(torch.count_nonzero(p) == 0 for p in runs[0] if p.ndim == 1)
+        assert all(p.abs().max().item() <= 2.0 for p in runs[0])
+
+
+def test_to_2tuple_is_timms() -> None:
+    assert to_2tuple is timm.layers.to_2tuple
+    assert to_2tuple(16) == (16, 16) and to_2tuple([8, 12]) == (8, 12) and to_2tuple((8, 12)) == (8, 12)
+    assert PatchEmbed(img_size=[8, 12], patch_size=4, embed_dim=2).grid_size == (2, 3)
 
 
 def test_drop_path_is_random_in_training_and_off_in_eval() -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+import vitrain.models
+from vitrain import optim
 from vitrain.errors import ConfigError
-from vitrain.models import create_model
+from vitrain.models import create_model, heads
 from vitrain.optim import (
     build_optimizer,
     build_scheduler,
@@ -178,3 +182,41 @@ def test_groups_for_deit_and_swin(name: str, head: set, no_decay: set, decay: se
     assert no_decay <= members["backbone_no_decay"] and decay <= members["backbone"]
     assert (groups["head"]["lr"], groups["backbone_no_decay"]["lr"]) == (1e-3, 1e-5)
     assert (groups["backbone"]["weight_decay"], groups["backbone_no_decay"]["weight_decay"]) == (0.05, 0.0)
+
+
+# the model layer owns the classifier names; it imports nothing from the optimizer or above -----------------
+
+FORBIDDEN = ("vitrain.optim", "vitrain.train", "vitrain.trainer", "vitrain.evaluate", "vitrain.predict",
+             "vitrain.visualize", "vitrain.data")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module an ``import`` anywhere in the file (functions included) names, made absolute."""
+    package = "vitrain.models"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) if node.level else ""
+            module = ".".join(filter(None, [base, node.module]))
+            found.update([module, *(f"{module}.{alias.name}" for alias in node.names)])
+    return found
+
+
+def test_model_layer_imports_neither_the_optimizer_nor_the_entry_points() -> None:
+    files = sorted((Path(vitrain.models.__file__).parent).glob("*.py"))
+    assert len(files) >= 8
+    for path in files:
+        bad = {m for m in imported_modules(path) if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)}
+        assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+def test_classifier_names_live_in_the_models_and_are_reexported() -> None:
+    assert optim.classifier_names is vitrain.models.classifier_names is heads.classifier_names
+    assert heads.classifier_names(create_model("deit_nano_distilled_patch4_16")) == ("head", "head_dist")
+    timm_like = torch.nn.Linear(2, 2)
+    timm_like.pretrained_cfg = {"classifier": ("fc", "fc_dist")}
+    assert heads.classifier_names(timm_like) == ("fc", "fc_dist")
+    assert heads.classifier_names(torch.nn.Linear(2, 2)) == ("head",)
+    assert heads.in_module("head.fc.weight", ["head"]) and not heads.in_module("head_dist.weight", ["head"])

@@ -15,13 +15,13 @@ import torch
 
 from vitrain.checkpoint import load_checkpoint
 from vitrain.config import compose
-from vitrain.errors import VitrainError
+from vitrain.errors import NonFiniteLoss, Preempted, VitrainError
 from vitrain.train import train
-from vitrain.trainer import NonFiniteLoss, Preempted, Trainer
+from vitrain.trainer import Trainer
 
 # 4 epochs of 44 steps (mixup drops the short batch): random crops, drop path, mixup/cutmix, EMA
-RUN = ["trainer.epochs=4", "trainer.progress=false", "model.drop_path=0.1", "trainer.mixup=0.5",
-       "trainer.cutmix=1.0", "trainer.ema=true", "trainer.ema_decay=0.9"]
+RUN = ["trainer.epochs=4", "trainer.progress=false", "model.drop_path=0.1", "data.mixup=0.5",
+       "data.cutmix=1.0", "trainer.ema=true", "trainer.ema_decay=0.9"]
 
 
 def test_sigterm_mid_epoch_then_resume_gives_bit_identical_weights(tmp_path: Path, monkeypatch) -> None:
@@ -33,7 +33,7 @@ def test_sigterm_mid_epoch_then_resume_gives_bit_identical_weights(tmp_path: Pat
 
     def step_then_signal(self: Trainer) -> None:
         step(self)
-        if self.step == 100:
+        if self.state.step == 100:
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(Trainer, "_optimizer_step", step_then_signal)

@@ -18,7 +18,7 @@ from vitrain.config import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARIZE = REPO / "scripts" / "summarize_runs.py"
-SEARCHED = ("optimizer.lr", "optimizer.weight_decay", "model.drop_path", "trainer.mixup", "trainer.label_smoothing")
+SEARCHED = ("optimizer.lr", "optimizer.weight_decay", "model.drop_path", "data.mixup", "loss.label_smoothing")
 
 
 def compose_with_hydra(overrides: list[str]) -> DictConfig:
@@ -64,7 +64,7 @@ def test_optuna_sweep_runs_one_folder_per_trial(optuna_sweep: Path) -> None:
         overrides = dict(o.split("=", 1) for o in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()))
         assert set(SEARCHED) <= set(overrides) and overrides["trainer.epochs"] == "1"
         lrs.add(float(overrides["optimizer.lr"]))
-        assert 1e-4 <= float(overrides["optimizer.lr"]) <= 3e-3 and overrides["trainer.mixup"] in ("0.0", "0.2", "0.8")
+        assert 1e-4 <= float(overrides["optimizer.lr"]) <= 3e-3 and overrides["data.mixup"] in ("0.0", "0.2", "0.8")
     assert len(lrs) == 4  # every trial got its own learning rate
 
 
@@ -88,7 +88,7 @@ def test_summary_of_the_sweep_is_sorted_best_first(optuna_sweep: Path, tmp_path:
     out = subprocess.run([sys.executable, str(SUMMARIZE), str(optuna_sweep), "--markdown", "--csv",
                           str(tmp_path / "sweep.csv")], capture_output=True, text=True, check=True).stdout
     header, rows = markdown_rows(out)
-    assert header[:2] == ["run", "final_top1"] and set(SEARCHED) - {"trainer.label_smoothing"} <= set(header)
+    assert header[:2] == ["run", "final_top1"] and set(SEARCHED) - {"loss.label_smoothing"} <= set(header)
     scores = [float(row[1]) for row in rows]
     assert len(rows) == 4 and scores == sorted(scores, reverse=True)
     best = max(final_top1(p) for p in optuna_sweep.iterdir() if p.is_dir())

@@ -58,6 +58,11 @@ BAD_INPUT = [  # one case per kind of bad input: the one-line message each gets
     (["trainer.epochs=0"], "error: trainer.epochs must be positive"),
     (["optimizer.lr=-1"], "error: optimizer.lr must be positive"),
     (["data=cifar10", "data.download=false", "data.root=nowhere"], "error: cifar10 not found under data.root="),
+    # values are checked before any data set is opened: the bad value is named, not the missing CIFAR-10
+    (["data=cifar10", "data.download=false", "data.root=nowhere", "trainer.epochs=-3"],
+     "error: trainer.epochs must be positive (at least 1), got -3"),
+    (["data=cifar10", "data.download=false", "data.root=nowhere", "loss.label_smoothing=1.5"],
+     "error: loss.label_smoothing must be in [0, 1), got 1.5"),
     (["data=imagefolder"], "error: data.root has no value; set it"),
     (["data=imagefolder", "data.root=nowhere"], "error: no images under"),
     (["distill=hard"], "error: distill.teacher.name has no value; set it"),

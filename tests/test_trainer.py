@@ -10,13 +10,13 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from vitrain.checkpoint import load_checkpoint
-from vitrain.config import compose
+from vitrain.config import compose, to_config
 from vitrain.data.datasets import load_digits
 from vitrain.losses import ClassificationLoss
 from vitrain.models import create_model
 from vitrain.optim import build_optimizer, build_scheduler
 from vitrain.train import train
-from vitrain.trainer import Trainer
+from vitrain.trainer import Loaders, Trainer, TrainerConfig
 
 SMOKE = ["trainer.epochs=1", "data.batch_size=720", "trainer.progress=false"]  # 1437 images: 2 steps
 
@@ -38,19 +38,21 @@ def test_two_step_smoke_run_writes_logs_checkpoints_metrics(tmp_path: Path) -> N
     assert best["config"]["model"]["name"] == "vit_nano_patch4_16"
 
     # The saved weights reproduce the reported accuracy.
-    model = create_model(best["model_name"], num_classes=10, img_size=cfg.model.img_size)
+    model = create_model(**best["model_spec"])
+    assert best["model_spec"]["name"] == "vit_nano_patch4_16" and best["model_spec"]["img_size"] == cfg.model.img_size
     model.load_state_dict(best["model"])
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), None, ClassificationLoss(),
-                      [], _digits_val_loader(cfg), tmp_path / "check", epochs=1, progress=False)
+                      Loaders([], _digits_val_loader(cfg)), TrainerConfig(epochs=1, progress=False), tmp_path / "check")
     assert trainer.evaluate()["top1"] == saved["final_top1"]
 
 
 def _digits_val_loader(cfg) -> DataLoader:
-    from vitrain.data import build_datasets, build_loaders
+    from vitrain.data import DataConfig, build_datasets, cpu_loaders
 
     d = cfg.data
-    splits = build_datasets("digits", cfg.model.img_size, d.mean, d.std, interpolation=d.interpolation)
-    return build_loaders(splits, 64)[1]
+    digits = DataConfig("digits", mean=list(d.mean), std=list(d.std), interpolation=d.interpolation)
+    splits = build_datasets(digits, cfg.model.img_size)
+    return cpu_loaders(splits, 64)[1]
 
 
 def test_loop_fits_a_small_batch(tmp_path: Path) -> None:
@@ -63,8 +65,8 @@ def test_loop_fits_a_small_batch(tmp_path: Path) -> None:
     model = create_model("vit_nano_patch4_16", num_classes=10)
     optimizer = build_optimizer(model, lr=2e-3, weight_decay=0.0)
     scheduler = build_scheduler(optimizer, total_steps=240, name="constant")
-    trainer = Trainer(model, optimizer, scheduler, ClassificationLoss(), loader, loader, tmp_path,
-                      epochs=60, progress=False, log_every=4)
+    trainer = Trainer(model, optimizer, scheduler, ClassificationLoss(), Loaders(loader, loader),
+                      TrainerConfig(epochs=60, progress=False, log_every=4), tmp_path)
     metrics = trainer.fit()
     losses = [row["train_loss"] for row in metrics["history"]]
     assert losses[-1] < losses[0] / 10
@@ -94,11 +96,11 @@ def test_model_families_train_and_their_checkpoints_reload(tmp_path: Path, overr
     cfg = compose([*SMOKE, *overrides])
     metrics = train(cfg, tmp_path)
     m = cfg.model
-    extra = {"window_size": m.window_size} if "window_size" in m else {}
+    extra = {"window_size": m.window_size} if m.window_size is not None else {}
     model = create_model(m.name, num_classes=10, img_size=m.img_size, source=m.source,
                          checkpoint=tmp_path / "checkpoints" / "best.pt", **extra)
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), None, ClassificationLoss(),
-                      [], _digits_val_loader(cfg), tmp_path / "check", epochs=1, progress=False)
+                      Loaders([], _digits_val_loader(cfg)), TrainerConfig(epochs=1, progress=False), tmp_path / "check")
     assert trainer.evaluate()["top1"] == metrics["final_top1"]
 
 
@@ -111,10 +113,10 @@ def _accum_run(accum: int, batch: int, tmp_path: Path) -> torch.nn.Module:
     model = create_model("vit_nano_patch4_16", num_classes=10)  # no dropout, no drop path
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # the update is the gradient itself
     scheduler = build_scheduler(optimizer, total_steps=1, name="constant")
-    trainer = Trainer(model, optimizer, scheduler, ClassificationLoss(), loader, loader, tmp_path / str(accum),
-                      epochs=1, progress=False, accum_steps=accum, grad_clip=None)
+    trainer = Trainer(model, optimizer, scheduler, ClassificationLoss(), Loaders(loader, loader),
+                      TrainerConfig(epochs=1, progress=False, accum_steps=accum, grad_clip=None), tmp_path / str(accum))
     trainer.train_one_epoch(0)
-    assert trainer.step == 1
+    assert trainer.state.step == 1
     return model
 
 
@@ -140,10 +142,10 @@ def test_ema_update_equals_its_formula() -> None:
 
 
 def test_mixup_targets_are_soft_and_sum_to_one() -> None:
-    from vitrain.train import build_mixup
+    from vitrain.data import build_mixup
 
-    cfg = compose(["trainer.mixup=0.8", "trainer.cutmix=1.0", "trainer.label_smoothing=0.1"])
-    mixup = build_mixup(cfg.trainer, num_classes=10)
+    cfg = to_config(compose(["data.mixup=0.8", "data.cutmix=1.0", "loss.label_smoothing=0.1"]))
+    mixup = build_mixup(cfg.data, num_classes=10, label_smoothing=cfg.loss.label_smoothing)
     torch.manual_seed(0)
     images, labels = torch.randn(8, 3, 16, 16), torch.arange(8)
     mixed, targets = mixup(images.clone(), labels)
@@ -158,7 +160,7 @@ def test_mixup_targets_are_soft_and_sum_to_one() -> None:
 def test_ema_mixup_accumulation_run_end_to_end(tmp_path: Path) -> None:
     """The DeiT-style knobs together on digits; the EMA weights are evaluated and saved beside the raw ones."""
     cfg = compose([*SMOKE, "data.batch_size=64", "trainer.accum_steps=2", "trainer.ema=true",
-                   "trainer.ema_decay=0.5", "trainer.mixup=0.8", "trainer.cutmix=1.0", "optimizer.layer_decay=0.75"])
+                   "trainer.ema_decay=0.5", "data.mixup=0.8", "data.cutmix=1.0", "optimizer.layer_decay=0.75"])
     metrics = train(cfg, tmp_path)
     assert metrics["steps"] == 11 and "final_top1_ema" in metrics  # 22 full batches of 64 (mixup drops the last)
     last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")

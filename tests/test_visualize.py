@@ -18,9 +18,10 @@ from vitrain import maps
 from vitrain.config import compose
 from vitrain.data.datasets import load_digits
 from vitrain.errors import ConfigError, DataError
+from vitrain.figures import attention_modules, capture_attentions, grad_cam_of, log_figures, make_figures
 from vitrain.models import create_model
 from vitrain.train import train
-from vitrain.visualize import attention_modules, capture_attentions, grad_cam_of, log_figures, make_figures, visualize
+from vitrain.visualize import visualize
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 

@@ -1,4 +1,11 @@
-"""Writing and reading checkpoints: atomic saves, weights-only loads."""
+"""Writing and reading checkpoints: atomic saves, weights-only loads, and the format of a training checkpoint.
+
+A training checkpoint (``last.pt``, ``best.pt``) is a plain dict of tensors and Python values. Beside the
+weights and the training state it holds what inference needs, independent of the YAML layout:
+``model_spec`` (``create_model(**model_spec)`` rebuilds the architecture), ``preprocess`` (the evaluation
+transform: size, normalization, interpolation), ``class_names`` and ``global_batch``. Files written by
+vitrain 0.1.0 hold the resolved config instead; :func:`upgrade` derives the same keys from it.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ from typing import Any
 
 import torch
 
-from vitrain.errors import VitrainError
+from vitrain.errors import ConfigError, VitrainError, first_line
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -46,6 +53,15 @@ def write_checkpoints(state: dict[str, Any], folder: Path, best_val: dict[str, f
     return last
 
 
+def remove_partial_saves(folder: Path) -> list[Path]:
+    """Delete the ``*.tmp`` files that a save killed mid-write (SIGKILL, power loss) left in ``folder``; the
+    complete checkpoints beside them are never touched. Returns the files removed."""
+    leftovers = sorted(folder.glob("*.tmp")) if folder.is_dir() else []
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, no code runs."""
     path = Path(path)
@@ -57,18 +73,72 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
-            raise VitrainError(f"cannot load checkpoint {path}: {_first_line(e)}; the file is corrupt") from e
+            raise VitrainError(f"cannot load checkpoint {path}: {first_line(e)}; the file is corrupt") from e
         raise VitrainError(
             f"cannot load checkpoint {path}: refused, it holds Python objects beyond tensors, which could run "
             f"code when unpickled; nothing was executed. Use a file of tensors (state dict or safetensors)"
         ) from e
     except Exception as e:
-        raise VitrainError(f"cannot load checkpoint {path}: {_first_line(e)}; the file is corrupt or truncated") from e
+        raise VitrainError(f"cannot load checkpoint {path}: {first_line(e)}; the file is corrupt or truncated") from e
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
+# model keys of 0.1.0's config that are not constructor arguments
+_V010_MODEL_KEYS = ("source", "name", "img_size", "pretrained", "checkpoint", "reset_head", "drop_path", "drop_rate",
+                    "grad_checkpointing")
+
+
+def upgrade(state: dict[str, Any]) -> dict[str, Any]:
+    """A training checkpoint in today's format: one written by vitrain 0.1.0 (resolved ``config``, no
+    ``model_spec``) gets ``model_spec``, ``preprocess`` and ``global_batch`` derived from its config."""
+    if "model_spec" in state or "config" not in state:
+        return state
+    model, data = state["config"]["model"], state["config"]["data"]
+    extra = {k: v for k, v in model.items() if k not in _V010_MODEL_KEYS}
+    spec = {"name": model["name"], "source": model["source"], "num_classes": len(state.get("class_names", [])),
+            "img_size": model["img_size"], "drop_rate": model["drop_rate"], "drop_path_rate": model["drop_path"],
+            **extra}
+    preprocess = {"img_size": model["img_size"], "mean": list(data["mean"]), "std": list(data["std"]),
+                  "interpolation": data["interpolation"]}
+    return {**state, "model_spec": spec, "preprocess": preprocess, "data_config": dict(data),
+            "global_batch": saved_global_batch(state)}
+
+
+def saved_global_batch(state: dict[str, Any]) -> int:
+    """The images per step of all processes when the checkpoint was written (0 when unknown)."""
+    if "global_batch" in state:
+        return state["global_batch"]
+    return state.get("config", {}).get("data", {}).get("batch_size", 0) * state.get("world_size", 1)
+
+
+def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+    """``trainer.resume``: null (start fresh), ``auto`` (this run folder's last.pt, if any) or a path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        last = run_dir / "checkpoints" / "last.pt"
+        return last if last.is_file() else None
+    if not Path(resume).is_file():
+        raise ConfigError(f"trainer.resume={resume}: no such file; give a last.pt, or trainer.resume=auto")
+    return Path(resume)
+
+
+def check_resume_position(state: dict[str, Any], global_batch: int) -> None:
+    """A checkpoint written inside an epoch continues from its position in the epoch's order, which is
+    counted in global batches (``data.batch_size`` x processes): they must be the same as when it was saved."""
+    saved = saved_global_batch(state)
+    if state.get("batch_in_epoch", 0) and saved and saved != global_batch:
+        raise ConfigError(f"the checkpoint stopped inside an epoch with {saved} images per step (data.batch_size x "
+                          f"processes), this run has {global_batch}; resume with the same, or from an epoch's end")
+
+
+def load_training_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A vitrain training checkpoint (``best.pt``, ``last.pt``, of this version or 0.1.0), upgraded to
+    today's format; another file is a one-line error."""
+    state = upgrade(load_checkpoint(path, map_location))
+    if "model_spec" not in state or "class_names" not in state:
+        raise VitrainError(f"{path} is not a vitrain training checkpoint (no model spec); give a run's "
+                           f"checkpoints/best.pt or last.pt")
+    return state
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,20 +1,133 @@
-"""Where the Hydra configs live, and composing them outside the command line (tests, notebooks)."""
+"""Hydra at the edge: where the YAML configs live, the typed schemas they are checked against, and turning a
+composed config into plain Python objects.
+
+Each config group's schema is a dataclass next to the code that reads it (``ModelConfig`` in
+``vitrain/models/config.py``, ``DataConfig`` in ``vitrain/data/config.py``, ``OptimizerConfig`` and
+``SchedulerConfig`` in ``vitrain/optim.py``, ``LossConfig`` in ``vitrain/losses.py``, ``DistillConfig`` in
+``vitrain/distill.py``, ``TrainerConfig`` in ``vitrain/trainer.py``). :class:`TrainConfig` gathers them and
+is registered with Hydra's ConfigStore as the base of ``train.yaml``, so every key has one type and one
+default, and a YAML file holds only its choices. :func:`to_config` turns the composed config into these
+objects, which checks every value (``__post_init__``) before anything is built or read.
+"""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, read_write
+from omegaconf import MISSING, DictConfig, OmegaConf, read_write
+from omegaconf.errors import OmegaConfBaseException
 
-from vitrain.errors import VitrainError
+from vitrain.cli import fail
+from vitrain.data.config import DataConfig
+from vitrain.distill import DistillConfig
+from vitrain.distributed import broadcast_object, init_distributed, torchrun_world
+from vitrain.errors import ConfigError, VitrainError
+from vitrain.losses import LossConfig
+from vitrain.models.config import ModelConfig
+from vitrain.optim import OptimizerConfig, SchedulerConfig
+from vitrain.trainer import TrainerConfig
+
+T = TypeVar("T")
 
 _PACKAGED = Path(__file__).resolve().parent / "configs"  # inside an installed wheel
 _SOURCE = Path(__file__).resolve().parent.parent / "configs"  # in a source checkout
 CONFIG_DIR = _PACKAGED if _PACKAGED.is_dir() else _SOURCE
+
+
+@dataclass
+class TrainConfig:
+    """``python -m vitrain.train``: one field per config group, and the seed."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0  # seeds Python, NumPy and torch, and fixes the order of the training batches
+
+
+@dataclass
+class EvaluateConfig:
+    """``python -m vitrain.evaluate``."""
+
+    checkpoint: str = MISSING  # a vitrain training checkpoint: <run>/checkpoints/best.pt or last.pt
+    data: DataConfig | None = None  # another data set with the same classes; null: the checkpoint's own
+    batch_size: int = 256  # images per forward pass
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    output: str | None = None  # the JSON to write; null: eval_<checkpoint name>.json beside the checkpoint
+
+
+@dataclass
+class PredictConfig:
+    """``python -m vitrain.predict``."""
+
+    checkpoint: str = MISSING  # a vitrain training checkpoint: <run>/checkpoints/best.pt
+    inputs: str = MISSING  # an image file, or a folder searched for images
+    topk: int = 5  # how many classes to list per image
+    ema: bool = False  # use the checkpoint's EMA weights (when it has them)
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    output: str | None = None  # the JSON to write; null: predictions.json in the run folder
+
+
+@dataclass
+class VisualizeConfig:
+    """``python -m vitrain.visualize``."""
+
+    checkpoint: str = MISSING  # a vitrain training checkpoint: <run>/checkpoints/best.pt or last.pt
+    image: str = MISSING  # one image file, preprocessed with the checkpoint's evaluation transform
+    out_dir: str | None = None  # where the PNGs go; null: <run>/visualize beside the checkpoints folder
+    ema: bool = False  # use the checkpoint's EMA weights (when it has them)
+    head_fusion: str = "mean"  # how rollout merges the heads of a layer: mean | max | min
+    discard_ratio: float = 0.0  # rollout: share of the smallest attention weights in each row set to 0, in [0, 1)
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    dpi: int = 150  # resolution of the PNG files
+
+
+def register_schemas() -> None:
+    """Register the entry points' schemas with Hydra's ConfigStore (``<entry>_schema``), the base of their YAML."""
+    store = ConfigStore.instance()
+    for name, node in (("train", TrainConfig), ("evaluate", EvaluateConfig), ("predict", PredictConfig),
+                       ("visualize", VisualizeConfig)):
+        store.store(name=f"{name}_schema", node=node)
+
+
+register_schemas()
+
+
+def _required(key: str) -> Any:
+    """``${required:KEY}`` in a recipe: KEY must be given on the command line. (A YAML ``???`` cannot say so
+    here: merged over a schema's default, OmegaConf keeps the default.)"""
+    raise ConfigError(f"{key} has no value; set it on the command line ({key}=...)")
+
+
+if not OmegaConf.has_resolver("required"):
+    OmegaConf.register_new_resolver("required", _required)
+
+
+def to_config(cfg: DictConfig | T, schema: type[T] = TrainConfig) -> T:
+    """The composed config as plain objects of ``schema`` (a :class:`TrainConfig` by default), every value
+    checked; an object already of that type is returned as it is. Hydra's own keys are left out."""
+    if isinstance(cfg, schema):
+        return cfg
+    if OmegaConf.get_type(cfg) is not schema:  # composed without the schema as its base (an older config)
+        node = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), node)
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:  # ${required:...}: the resolver's own one-line error, if that is the cause
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, VitrainError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
@@ -52,8 +165,7 @@ class CheckOutputFolder(Callback):
         try:
             ensure_writable(path, key)
         except VitrainError as e:  # Hydra would print a traceback: one line, and stop
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+            fail(str(e))
 
 
 class TorchrunRunFolder(Callback):
@@ -63,16 +175,12 @@ class TorchrunRunFolder(Callback):
     log only warnings and errors, to the console."""
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
-        from vitrain.distributed import broadcast_object, init_distributed, torchrun_world
-
         if torchrun_world().size == 1:
             return
         try:
             world, _ = init_distributed(config.trainer.device, config.trainer.dist_backend)
         except VitrainError as e:
-            rank = torchrun_world().rank
-            print(f"{f'[rank {rank}] ' if rank else ''}error: {e}", file=sys.stderr)
-            sys.exit(1)
+            fail(str(e))
         with read_write(config):
             config.hydra.run.dir = broadcast_object(str(config.hydra.run.dir))
             if not world.is_main:
@@ -80,12 +188,8 @@ class TorchrunRunFolder(Callback):
                 config.hydra.job_logging = console_logging(f"[rank {world.rank}]")
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        from vitrain.distributed import torchrun_world
-
         if torchrun_world().size > 1:  # every rank would run its own sweep, in its own folder
-            print("error: a multirun (-m) cannot run under torchrun; start one torchrun per run of the sweep",
-                  file=sys.stderr)
-            sys.exit(1)
+            fail("a multirun (-m) cannot run under torchrun; start one torchrun per run of the sweep", rank=0)
 
 
 def console_logging(prefix: str, level: str = "WARNING") -> dict[str, Any]:

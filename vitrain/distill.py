@@ -10,6 +10,8 @@ two outputs (a plain model's one output serves as both) and ``z_t`` the teacher'
     soft: kd = KL(softmax(z_t / tau) || softmax(z_dist / tau)) * tau^2
     loss = (1 - alpha) * base + alpha * kd
 
+:class:`DistillConfig` is the schema of the ``distill`` config group.
+
 The soft KL is summed over classes and divided by the batch size (``reduction="batchmean"``, as timm
 and PyTorch's KLDivLoss recommend), or divided by the number of logits, batch x classes
 (``reduction="numel"``, as DeiT's reference code does: that is the batchmean value / classes).
@@ -17,8 +19,10 @@ and PyTorch's KLDivLoss recommend), or divided by the number of logits, batch x 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +30,8 @@ from torch import nn
 
 from vitrain.errors import ConfigError
 from vitrain.losses import ClassificationLoss
+
+log = logging.getLogger(__name__)
 
 DISTILL_MODES = ("none", "hard", "soft")
 REDUCTIONS = ("batchmean", "numel")
@@ -137,6 +143,65 @@ class DistillationLoss(nn.Module):
         else:
             self._seconds += time.perf_counter() - begin
         return z_t
+
+
+@dataclass
+class TeacherConfig:
+    """``distill.teacher``: the frozen model whose outputs the student also learns from."""
+
+    source: str = "timm"  # where the teacher comes from: vitrain | timm | torchvision
+    name: str | None = None  # the teacher's architecture, e.g. resnet18 (a timm name) or a vitrain model name
+    checkpoint: str | None = None  # its weights: a vitrain run's checkpoints/best.pt, or a timm/torchvision/DeiT file
+    pretrained: bool = False  # ImageNet weights from the hub instead (needs network; the head must fit the task)
+    img_size: int | None = None  # the teacher's input size when it differs from the student's (the batch is resized)
+    mean: list[float] | None = None  # the teacher's normalization mean when it differs from the data's
+    std: list[float] | None = None  # the teacher's normalization std, likewise
+
+
+@dataclass
+class DistillConfig:
+    """The ``distill`` group: none, or DeiT's hard or soft distillation from a teacher."""
+
+    name: str = "none"  # none | hard | soft
+    alpha: float = 0.5  # weight of the distillation term: (1 - alpha) * base loss + alpha * distillation loss
+    tau: float = 1.0  # temperature of the soft targets (soft only; DeiT: 1.0)
+    reduction: str = "batchmean"  # soft KL divided by the batch (timm) | numel: by batch x classes (DeiT's code)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+    def __post_init__(self) -> None:
+        if self.name not in DISTILL_MODES:
+            raise ConfigError(f"unknown distillation mode '{self.name}' (distill.name); "
+                              f"choose one of {', '.join(DISTILL_MODES)}")
+        if not 0 <= self.alpha <= 1 or self.tau <= 0:
+            raise ConfigError(f"distill.alpha must be in [0, 1] and distill.tau positive, got {self.alpha} "
+                              f"and {self.tau}")
+        if self.reduction not in REDUCTIONS:
+            raise ConfigError(f"unknown distill.reduction '{self.reduction}'; choose one of {', '.join(REDUCTIONS)}")
+        if self.name != "none" and not self.teacher.name:
+            raise ConfigError(f"distill.teacher.name has no value; set it on the command line "
+                              f"(distill.teacher.name=..., and distill.teacher.checkpoint=PATH): distill={self.name} "
+                              f"needs a teacher")
+
+
+def build_teacher(cfg: TeacherConfig, num_classes: int, img_size: int, device: torch.device,
+                  channels_last: bool | str = "auto") -> nn.Module:
+    """The frozen teacher of ``distill.teacher`` on ``device``, with a ``num_classes`` classifier: a checkpoint
+    whose classifier has another size is refused (the teacher must know the student's classes)."""
+    from vitrain.models import create_model
+    from vitrain.models.convert import load_pretrained
+    from vitrain.runtime import use_channels_last
+
+    teacher = create_model(cfg.name, num_classes=num_classes, img_size=cfg.img_size or img_size, source=cfg.source,
+                           pretrained=cfg.pretrained)
+    if cfg.checkpoint and load_pretrained(teacher, cfg.checkpoint).reinitialized:
+        raise ConfigError(f"the teacher checkpoint {cfg.checkpoint} has a classifier for another number of "
+                          f"classes than the student's data ({num_classes}); give a teacher trained on these classes")
+    if not (cfg.checkpoint or cfg.pretrained):
+        log.warning("the teacher %s has random weights: set distill.teacher.checkpoint=PATH", cfg.name)
+    teacher = teacher.to(device)
+    if use_channels_last(channels_last, teacher, device):
+        teacher = teacher.to(memory_format=torch.channels_last)
+    return teacher
 
 
 def build_criterion(

@@ -1,14 +1,35 @@
 """Training losses, all called as ``loss(inputs, outputs, labels)``.
 
 The inputs are passed so that a loss can run a teacher on them (see :mod:`vitrain.distill`); one
-training loop then serves plain fine-tuning and distillation.
+training loop then serves plain fine-tuning and distillation. :class:`LossConfig` is the schema of the
+``loss`` config group.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vitrain.errors import ConfigError
+
+LOSSES = ("ce",)
+
+
+@dataclass
+class LossConfig:
+    """The ``loss`` group: the classification loss (distillation, the ``distill`` group, adds to it)."""
+
+    name: str = "ce"  # ce: cross-entropy (soft-target cross-entropy under mixup/cutmix)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (folded into the mixup targets when mixing)
+
+    def __post_init__(self) -> None:
+        if self.name not in LOSSES:
+            raise ConfigError(f"unknown loss '{self.name}' (loss.name); choose one of {', '.join(LOSSES)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 class ClassificationLoss(nn.Module):

@@ -6,6 +6,9 @@ a weight-decayed part and a part without decay (biases, norm weights, tokens, po
 
 Schedules are multipliers of each group's own base learning rate, so warmup and the floor scale
 with it, stepped once per optimizer step.
+
+:class:`OptimizerConfig` and :class:`SchedulerConfig` are the schemas of the ``optimizer`` and
+``scheduler`` config groups; :func:`optimizer_and_schedule` turns them into the two objects.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -20,20 +24,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from vitrain.errors import ConfigError
-
-
-def classifier_names(model: nn.Module) -> tuple[str, ...]:
-    """Module paths of the classifier head(s): the model's ``head_names`` (vitrain's models and wrapped
-    backbones), else timm's ``pretrained_cfg['classifier']``, else ``head``."""
-    if getattr(model, "head_names", None):
-        return tuple(model.head_names)
-    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
-    return (classifier,) if isinstance(classifier, str) else tuple(classifier)
-
-
-def _in_module(name: str, prefixes: Iterable[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
+from vitrain.models.heads import classifier_names  # owned by the model layer; importable from here too
+from vitrain.models.heads import in_module as _in_module
 
 _EMBEDDING = ("patch_embed.", "cls_token", "dist_token", "pos_embed", "absolute_pos_embed")
 _BLOCK = re.compile(r"^(?:blocks\.(\d+)|layers\.(\d+)\.(?:blocks\.(\d+)|downsample))\.")
@@ -168,3 +160,83 @@ def build_scheduler(
     fn = partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=min_lr_ratio, kind=name,
                  decay_steps=decay_steps, decay_rate=decay_rate)
     return LambdaLR(optimizer, fn)
+
+
+OPTIMIZERS = ("adamw",)
+
+
+@dataclass
+class OptimizerConfig:
+    """The ``optimizer`` group: AdamW over the backbone/head parameter groups."""
+
+    name: str = "adamw"  # optimizer
+    lr: float = 1e-3  # learning rate of the head (and of the whole model when backbone_lr is null)
+    backbone_lr: float | None = None  # learning rate of everything but the head; null: lr
+    weight_decay: float = 0.05  # decoupled weight decay; never on biases, norms, tokens, position embeddings
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's moment decay rates
+    scale_lr: bool = False  # lr and backbone_lr x global batch / lr_base_batch (DeiT)
+    lr_base_batch: int | None = None  # the batch that lr is given for when scaling (null: 512); setting it scales
+    layer_decay: float | None = None  # layer-wise lr decay (e.g. 0.65): block k below the top gets layer_decay^k
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer '{self.name}' (optimizer.name); choose {', '.join(OPTIMIZERS)}")
+        for key in ("lr", "backbone_lr"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"optimizer.{key} must be positive, got {value}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"optimizer.layer_decay must be in (0, 1], got {self.layer_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optimizer.betas must be two values in [0, 1), got {list(self.betas)}")
+        if self.lr_base_batch is not None and self.lr_base_batch <= 0:
+            raise ConfigError(f"optimizer.lr_base_batch must be positive (or null), got {self.lr_base_batch}")
+
+    def lr_scale(self, global_batch: int) -> float:
+        """With ``scale_lr`` (or an ``lr_base_batch``), the learning rates scale linearly with the images
+        per optimizer step of all processes together (DeiT: lr x global batch / 512)."""
+        if not (self.scale_lr or self.lr_base_batch):
+            return 1.0
+        return global_batch / (self.lr_base_batch or 512)
+
+
+@dataclass
+class SchedulerConfig:
+    """The ``scheduler`` group: linear warmup, then cosine, step or constant, stepped every optimizer step."""
+
+    name: str = "cosine"  # cosine | step | constant
+    warmup_epochs: float = 0.0  # length of the linear warmup, in epochs (fractions allowed)
+    min_lr_ratio: float = 0.0  # cosine and step: the floor, as a fraction of each group's base learning rate
+    decay_epochs: float = 1.0  # step: epochs between decays
+    decay_rate: float = 0.1  # step: factor applied at each decay
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ConfigError(f"unknown scheduler '{self.name}' (scheduler.name); choose one of {', '.join(SCHEDULES)}")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"scheduler.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"scheduler.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.decay_epochs <= 0 or not 0 < self.decay_rate <= 1:
+            raise ConfigError(f"scheduler.decay_epochs must be positive and scheduler.decay_rate in (0, 1], got "
+                              f"{self.decay_epochs} and {self.decay_rate}")
+
+
+def optimizer_and_schedule(
+    model: nn.Module, optimizer: OptimizerConfig, scheduler: SchedulerConfig, global_batch: int,
+    steps_per_epoch: int, epochs: int,
+) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """AdamW over the parameter groups, at learning rates scaled for ``global_batch`` (the images per
+    optimizer step of all processes), and the per-step schedule over ``epochs`` epochs."""
+    scale = optimizer.lr_scale(global_batch)
+    backbone_lr = None if optimizer.backbone_lr is None else optimizer.backbone_lr * scale
+    opt = build_optimizer(model, optimizer.name, optimizer.lr * scale, backbone_lr, optimizer.weight_decay,
+                          tuple(optimizer.betas), optimizer.layer_decay)
+    schedule = build_scheduler(
+        opt, total_steps=epochs * steps_per_epoch, name=scheduler.name,
+        warmup_steps=math.ceil(scheduler.warmup_epochs * steps_per_epoch), min_lr_ratio=scheduler.min_lr_ratio,
+        decay_steps=max(1, round(scheduler.decay_epochs * steps_per_epoch)), decay_rate=scheduler.decay_rate,
+    )
+    return opt, schedule

@@ -1,13 +1,12 @@
 """``python -m vitrain.predict checkpoint=PATH inputs=<image or folder>``: top-k classes of images.
 
-The preprocessing is the evaluation transform of the checkpoint's own config (resize, center crop,
-normalisation), and the labels are the class names stored in the checkpoint.
+The preprocessing is the evaluation transform saved with the checkpoint (resize, center crop,
+normalisation), and the labels are the class names stored in it.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +14,12 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from PIL import Image
 
-from vitrain.config import CONFIG_DIR
-from vitrain.errors import DataError, VitrainError
+from vitrain.cli import run_command
+from vitrain.config import CONFIG_DIR, PredictConfig, to_config
+from vitrain.data.datasets import open_rgb
+from vitrain.errors import DataError
+from vitrain.inference import load_trained
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -38,24 +39,12 @@ def image_files(inputs: str | Path) -> list[Path]:
 def predict(checkpoint: str | Path, inputs: str | Path, topk: int = 5, device: str = "auto",
             use_ema: bool = False) -> list[dict[str, Any]]:
     """For every image: the ``topk`` (class name, probability) pairs, most likely first."""
-    from vitrain.data.transforms import build_transforms
-    from vitrain.evaluate import load_trained
-    from vitrain.trainer import resolve_device
-
-    dev = resolve_device(device)
-    model, ema, cfg, state = load_trained(checkpoint, dev)
-    model = ema if use_ema and ema is not None else model
-    d = cfg.data
-    transform = build_transforms(cfg.model.img_size, d.mean, d.std, train=False, interpolation=d.interpolation)
-    names = state["class_names"]
+    trained = load_trained(checkpoint, device)
+    model, names = trained.pick(use_ema), trained.class_names
     results = []
     for path in image_files(inputs):
-        try:
-            with Image.open(path) as image:
-                x = transform(image.convert("RGB"))
-        except OSError as e:
-            raise DataError(f"cannot read image {path} ({type(e).__name__}); remove or replace the file") from e
-        probs = model(x[None].to(dev)).float().softmax(dim=1)[0].cpu()
+        x = trained.transform(open_rgb(path))
+        probs = model(x[None].to(trained.device)).float().softmax(dim=1)[0].cpu()
         values, indices = probs.topk(min(topk, len(names)))
         results.append({"image": str(path), "top": [{"class": names[i], "index": int(i), "probability": float(p)}
                                                       for p, i in zip(values, indices, strict=True)]})
@@ -65,17 +54,17 @@ def predict(checkpoint: str | Path, inputs: str | Path, topk: int = 5, device: s
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
     """Print a table and write predictions.json into the run folder (or ``output``)."""
-    try:
-        results = predict(cfg.checkpoint, cfg.inputs, cfg.topk, cfg.device, cfg.ema)
-    except VitrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    output = Path(cfg.output or Path(HydraConfig.get().runtime.output_dir) / "predictions.json")
-    output.write_text(json.dumps(results, indent=2))
-    for r in results:
-        best = "  ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
-        print(f"{r['image']}: {best}")
-    print(f"({len(results)} images; {output})")
+
+    def run() -> None:
+        c = to_config(cfg, PredictConfig)
+        results = predict(c.checkpoint, c.inputs, c.topk, c.device, c.ema)
+        output = Path(c.output or Path(HydraConfig.get().runtime.output_dir) / "predictions.json")
+        output.write_text(json.dumps(results, indent=2))
+        for r in results:
+            print(f"{r['image']}: " + "  ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
+        print(f"({len(results)} images; {output})")
+
+    run_command(run)
 
 
 if __name__ == "__main__":

@@ -1,80 +1,62 @@
-"""Data sets and loaders. ``build_datasets`` turns a data set name (and an optional class subset) into
-transformed train/val sets."""
+"""Data sets and loaders, configured by :class:`~vitrain.data.config.DataConfig` (the ``data`` group).
+
+:func:`build_datasets` turns the config into transformed train/val sets; :func:`build_loaders` into the
+loaders of ``data.pipeline`` (per-image transforms in worker processes, :func:`cpu_loaders`, or batches
+augmented on the device, :func:`vitrain.data.gpu.gpu_loaders`); :func:`build_mixup` into timm's batch
+mixup/cutmix."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import logging
+from collections.abc import Sequence
 from numbers import Integral
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from timm.data import Mixup
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from vitrain.data.datasets import keep_classes, load_cifar, load_digits, load_imagefolder
+from vitrain.data.config import DATASETS, DataConfig
+from vitrain.data.datasets import DataSplits, keep_classes, load_cifar, load_digits, load_imagefolder
+from vitrain.data.gpu import gpu_loaders, resolve_pipeline
+from vitrain.data.samplers import EpochSampler, ShardedEpochSampler, ShardSampler, build_samplers
 from vitrain.data.transforms import build_transforms
+from vitrain.distributed import World
 from vitrain.errors import ConfigError, DataError
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+log = logging.getLogger(__name__)
+
+__all__ = ["DATASETS", "DataConfig", "DataSplits", "EpochSampler", "ShardSampler", "ShardedEpochSampler",
+           "build_datasets", "build_loaders", "build_mixup", "build_samplers", "cpu_loaders", "gpu_loaders"]
 
 
-@dataclass
-class DataSplits:
-    train: Dataset
-    val: Dataset
-    class_names: list[str]
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-def build_datasets(
-    name: str,
-    img_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    root: str | Path | None = None,
-    download: bool = True,
-    crop_padding: int = 4,
-    hflip: bool = True,
-    interpolation: str = "bilinear",
-    test_fraction: float = 0.2,
-    split_seed: int = 0,
-    *,
-    auto_augment: str | None = None,
-    color_jitter: float = 0.0,
-    re_prob: float = 0.0,
-    classes: Sequence[int] | None = None,
-    train_fraction: float = 1.0,
-) -> DataSplits:
-    """Load a data set by name, optionally keep only ``classes`` (relabelled 0..k-1 in the given order)
-    and a stratified ``train_fraction`` of the training images (seeded by ``split_seed``), and attach
-    the train transform (with the DeiT augmentations asked for) and the eval transform."""
-    if name == "digits":
-        train, val, names = load_digits(test_fraction, split_seed)
-    elif name in ("cifar10", "cifar100"):
-        train, val, names = load_cifar(name, _need_root(name, root), download)
-    elif name == "imagefolder":
-        train, val, names = load_imagefolder(_need_root(name, root))
+def build_datasets(cfg: DataConfig, img_size: int) -> DataSplits:
+    """The train/val sets of ``cfg`` at ``img_size``: load the data set, keep only ``cfg.classes``
+    (relabelled 0..k-1 in the given order) and a stratified ``cfg.train_fraction`` of the training images
+    (seeded by ``cfg.split_seed``), and attach the train transform (with the augmentations asked for) and
+    the eval transform."""
+    if cfg.name == "digits":
+        train, val, names = load_digits(cfg.test_fraction, cfg.split_seed)
+    elif cfg.name in ("cifar10", "cifar100"):
+        train, val, names = load_cifar(cfg.name, _need_root(cfg.name, cfg.root), cfg.download)
     else:
-        raise ConfigError(f"unknown data set '{name}' (data.name); choose one of {', '.join(DATASETS)}")
-    if classes is not None:
-        chosen = _check_classes(classes, name, len(names))
+        train, val, names = load_imagefolder(_need_root(cfg.name, cfg.root))
+    if cfg.classes is not None:
+        chosen = _check_classes(cfg.classes, cfg.name, len(names))
         for split, dataset in (("train", train), ("val", val)):
             if len(keep_classes(dataset, chosen)) == 0:
-                raise DataError(f"{name} has no {split} images of data.classes={chosen}; pick classes it has")
+                raise DataError(f"{cfg.name} has no {split} images of data.classes={chosen}; pick classes it has")
         names = [names[c] for c in chosen]
-    if not 0 < train_fraction <= 1:
-        raise ConfigError(f"data.train_fraction must be in (0, 1], got {train_fraction}")
-    if train_fraction < 1:
-        train = _stratified_subset(train, train_fraction, split_seed)
+    if cfg.train_fraction < 1:
+        train = _stratified_subset(train, cfg.train_fraction, cfg.split_seed)
     train_set = train.dataset if isinstance(train, Subset) else train
     train_set.transform = build_transforms(
-        img_size, mean, std, True, crop_padding, hflip, interpolation,
-        auto_augment=auto_augment, color_jitter=color_jitter, re_prob=re_prob,
+        img_size, cfg.mean, cfg.std, True, cfg.crop_padding, cfg.hflip, cfg.interpolation,
+        auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter, re_prob=cfg.re_prob,
     )
-    val.transform = build_transforms(img_size, mean, std, False, interpolation=interpolation)
+    val.transform = build_transforms(img_size, cfg.mean, cfg.std, False, interpolation=cfg.interpolation)
     return DataSplits(train, val, names)
 
 
@@ -113,84 +95,7 @@ def _need_root(name: str, root: str | Path | None) -> str | Path:
     return root
 
 
-class EpochSampler(Sampler[int]):
-    """A shuffled order that depends only on (seed, epoch), and can start part-way through an epoch:
-    a resumed run sees the same remaining batches, in the same order, as a run that never stopped."""
-
-    def __init__(self, size: int, seed: int = 0) -> None:
-        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Order of ``epoch``, skipping its first ``start`` indices."""
-        self.epoch, self.start = epoch, start
-
-    def order(self) -> torch.Tensor:
-        """The whole shuffled order of the current epoch."""
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.start :].tolist())
-
-    def __len__(self) -> int:
-        return self.size - self.start
-
-
-class ShardedEpochSampler(EpochSampler):
-    """The :class:`EpochSampler` order of the whole data set, dealt out to ``world_size`` ranks: rank r
-    takes positions r, r + W, r + 2W, ... of it. Step k's batches of all ranks (``batch_size`` each)
-    then hold positions [kB, (k+1)B) of the order, B = batch_size x W: the batches that one process
-    with a batch of B sees in the same steps. ``start`` counts this rank's indices, as the trainer
-    counts batches per rank.
-
-    Every rank gets the same number of batches (each step is one DDP all-reduce): with ``drop_last``
-    the order is cut to whole global batches (as one process drops its short batch); otherwise only a
-    last step of fewer images than ranks is left out, those images waiting for the next epoch's shuffle.
-    """
-
-    def __init__(self, size: int, seed: int, rank: int, world_size: int, batch_size: int,
-                 drop_last: bool = False) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not one of the {world_size} ranks")
-        super().__init__(size, seed)
-        self.rank, self.world_size = rank, world_size
-        tail = size % (batch_size * world_size)  # images of the last, short, step
-        self.used = size - tail if drop_last or tail < world_size else size
-
-    def __iter__(self) -> Iterator[int]:
-        mine = self.order()[: self.used][self.rank :: self.world_size]
-        return iter(mine[self.start :].tolist())
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.used, self.world_size)) - self.start
-
-
-class ShardSampler(Sampler[int]):
-    """Rank r's share of an ordered data set, indices r, r + W, r + 2W, ...: every image on exactly one
-    rank and none repeated, so counts summed over the ranks are those of the whole set (evaluation)."""
-
-    def __init__(self, size: int, rank: int, world_size: int) -> None:
-        self.indices = range(rank, size, world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def build_samplers(splits: DataSplits, batch_size: int, seed: int = 0, drop_last: bool = False, rank: int = 0,
-                   world_size: int = 1) -> tuple[EpochSampler, Sampler[int] | None]:
-    """Train and val samplers: the shuffled :class:`EpochSampler` and None (in order) in one process; under
-    torchrun, this rank's shares of the same orders (``batch_size`` is per rank)."""
-    if batch_size <= 0:
-        raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
-    if world_size == 1:
-        return EpochSampler(len(splits.train), seed), None
-    return (ShardedEpochSampler(len(splits.train), seed, rank, world_size, batch_size, drop_last),
-            ShardSampler(len(splits.val), rank, world_size))
-
-
-def build_loaders(
+def cpu_loaders(
     splits: DataSplits,
     batch_size: int,
     num_workers: int = 0,
@@ -212,3 +117,30 @@ def build_loaders(
     val = DataLoader(splits.val, sampler=val_sampler, shuffle=False, generator=torch.Generator().manual_seed(seed),
                      **common)
     return train, val
+
+
+def build_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device: torch.device, seed: int,
+                  world: World | None = None) -> tuple[Any, Any]:
+    """Train/val loaders of ``data.pipeline``: batched augmentation on the device for in-memory data (gpu),
+    or per-image transforms in loader workers (cpu). Under torchrun, this rank's shares of the batches
+    (``data.batch_size`` images per rank and step). With mixup, a short last batch is dropped (mixup
+    pairs the images of a batch)."""
+    world = world or World()
+    pipeline = resolve_pipeline(cfg.pipeline, splits.train, device, cfg.auto_augment, cfg.color_jitter)
+    log.info("data pipeline: %s", pipeline)
+    train_sampler, val_sampler = build_samplers(splits, cfg.batch_size, seed, cfg.mixes, world.rank, world.size)
+    if pipeline == "gpu":
+        return gpu_loaders(splits, img_size, cfg.mean, cfg.std, cfg.batch_size, device, seed=seed,
+                           crop_padding=cfg.crop_padding, hflip=cfg.hflip, interpolation=cfg.interpolation,
+                           re_prob=cfg.re_prob, drop_last=cfg.mixes, train_sampler=train_sampler,
+                           val_sampler=val_sampler)
+    return cpu_loaders(splits, cfg.batch_size, cfg.num_workers, seed=seed, pin_memory=device.type == "cuda",
+                       drop_last=cfg.mixes, rank=world.rank, world_size=world.size)
+
+
+def build_mixup(cfg: DataConfig, num_classes: int, label_smoothing: float = 0.0) -> Mixup | None:
+    """timm's batch mixup/cutmix (soft targets, ``label_smoothing`` folded in), or None when both are off."""
+    if not cfg.mixes:
+        return None
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                 switch_prob=cfg.mixup_switch_prob, label_smoothing=label_smoothing, num_classes=num_classes)

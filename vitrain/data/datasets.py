@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 
-from vitrain.errors import DataError
+from vitrain.errors import DataError, first_line
 
 Transform = Callable[[torch.Tensor], torch.Tensor] | None
 
@@ -82,7 +83,7 @@ def _download(spec: type, root: Path, name: str) -> None:
     try:
         download_and_extract_archive(spec.url, str(root), filename=spec.filename, md5=spec.tgz_md5)
     except Exception as e:  # no network, proxy refusal, bad checksum, full disk ...
-        reason = f"download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        reason = f"download failed: {type(e).__name__}: {first_line(e) if str(e).strip() else ''}"
         raise DataError(_missing_cifar(name, spec, root, reason)) from e
 
 
@@ -110,13 +111,14 @@ def _read_batches(folder: Path, files: list[str]) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(data).transpose(0, 2, 3, 1), np.asarray(labels)  # (N, 32, 32, 3)
 
 
-def _open_rgb(path: str) -> Image.Image:
-    """ImageFolder's loader, with a one-line error naming the file that cannot be read."""
+def open_rgb(path: str | Path, fix: str = "remove or replace the file") -> Image.Image:
+    """An image file as RGB (ImageFolder's loader, and the inputs of predict and visualize), or a one-line
+    DataError naming the file that cannot be read and ending in ``fix``."""
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read image {path} ({type(e).__name__}); remove or replace the file") from e
+        raise DataError(f"cannot read image {path} ({type(e).__name__}); {fix}") from e
 
 
 def load_imagefolder(root: str | Path) -> tuple[Dataset, Dataset, list[str]]:
@@ -125,7 +127,7 @@ def load_imagefolder(root: str | Path) -> tuple[Dataset, Dataset, list[str]]:
     splits = {}
     for split in ("train", "val"):
         try:
-            splits[split] = datasets.ImageFolder(str(root / split), loader=_open_rgb)
+            splits[split] = datasets.ImageFolder(str(root / split), loader=open_rgb)
         except (FileNotFoundError, OSError) as e:
             raise DataError(
                 f"no images under {root / split} (data.root={root}); expected "
@@ -159,3 +161,14 @@ def keep_classes(dataset: Dataset, classes: Sequence[int]) -> Dataset:
     else:
         raise TypeError(f"keep_classes supports ArrayDataset and ImageFolder, not {type(dataset).__name__}")
     return dataset
+
+
+@dataclass
+class DataSplits:
+    train: Dataset
+    val: Dataset
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,14 +19,12 @@ from torch.utils.data import Dataset, Sampler, Subset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from vitrain.data.datasets import ArrayDataset
+from vitrain.data.config import PIPELINES
+from vitrain.data.datasets import ArrayDataset, DataSplits
+from vitrain.data.samplers import EpochSampler
 from vitrain.data.transforms import check_re_prob
 from vitrain.errors import ConfigError
 
-if TYPE_CHECKING:
-    from vitrain.data import DataSplits
-
-PIPELINES = ("auto", "gpu", "cpu")
 IN_MEMORY = "digits, cifar10, cifar100"
 TENSOR_INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "nearest-exact")
 
@@ -243,7 +240,7 @@ def _unsupported(auto_augment: str | None, color_jitter: float) -> list[tuple[st
     return asked
 
 
-def build_device_loaders(
+def gpu_loaders(
     splits: DataSplits,
     img_size: int,
     mean: Sequence[float],
@@ -262,8 +259,6 @@ def build_device_loaders(
     """Train and val :class:`DeviceLoader` of in-memory splits: the train one shuffled by ``train_sampler``
     (default an :class:`~vitrain.data.EpochSampler` of ``seed``) and augmented, the val one in order (or
     ``val_sampler``) with the eval transform."""
-    from vitrain.data import EpochSampler  # here: vitrain.data may import this module
-
     arrays = {}
     for split in ("train", "val"):
         arrays[split] = in_memory_arrays(getattr(splits, split))

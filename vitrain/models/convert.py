@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from timm.layers import resample_patch_embed
+from timm.layers import resample_abs_pos_embed, resample_patch_embed, resize_rel_pos_bias_table_simple, to_2tuple
 from torch import nn
 
 from vitrain.checkpoint import load_checkpoint
-from vitrain.errors import ConfigError, VitrainError
-from vitrain.optim import classifier_names
+from vitrain.errors import ConfigError, VitrainError, first_line
+from vitrain.models.heads import classifier_names, in_module
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +59,12 @@ TORCHVISION_SWIN: list[Rule] = [
     (r"^head\.", "head.fc."),
 ]
 
+# timm.models.swin_transformer.checkpoint_filter_fn renames the same two things (same keys out for our
+# models when no tensor needs resampling; tests/test_convert.py checks it), but it is not used: it renames
+# and resamples in one pass, the relative position bias tables by resize_rel_pos_bias_table (BEiT's
+# geometric-progression interpolation; tables of non-square windows always), not by the bicubic
+# resize_rel_pos_bias_table_simple that the other layouts get here, and it needs the target model's
+# modules by the file's key names (an AttributeError, not a ConfigError, for another architecture).
 SWIN_RELEASE: list[Rule] = [
     # the original code merges patches at the end of stages 0..2, timm at the start of stages 1..3
     (r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m[1]) + 1}.downsample."),
@@ -131,45 +136,45 @@ def resample_pos_embed(
     num_prefix_tokens: int = 1,
     old_grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Resize a (1, prefix + h*w, D) position embedding to another patch grid, bicubic with
-    antialiasing as timm does; the prefix tokens (CLS, distillation) have no position and are kept.
+    """Resize a (1, prefix + h*w, D) position embedding to another patch grid: timm's
+    :func:`~timm.layers.resample_abs_pos_embed` (bicubic with antialiasing, float32; the prefix tokens,
+    CLS and distillation, have no position and are kept), the same numbers as our former copy.
 
     Needed when fine-tuning at another resolution: the patch grid, and with it the number of
     positions, changes while the learned embedding should stay a smooth function of position.
+    Kept around timm's call: ``new_grid`` may be an int, and without ``old_grid`` a patch count that is
+    not a square is a ConfigError (timm would take the floor of its square root and fail in a reshape).
+    The batch dimension must be 1, as in every position embedding (timm reshapes to a batch of one).
     """
-    new_grid = (new_grid, new_grid) if isinstance(new_grid, int) else tuple(new_grid)
-    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]  # (B, P, D), (B, h*w, D)
-    B, N, D = grid.shape
+    n = pos_embed.shape[1] - num_prefix_tokens
     if old_grid is None:
-        side = math.isqrt(N)
-        if side * side != N:
-            raise ConfigError(f"pos_embed has {N} patch positions, not a square grid; pass old_grid")
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ConfigError(f"pos_embed has {n} patch positions, not a square grid; pass old_grid")
         old_grid = (side, side)
-    if tuple(old_grid) == new_grid:
-        return pos_embed
-    grid = grid.reshape(B, *old_grid, D).permute(0, 3, 1, 2).float()  # (B, D, h, w)
-    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False, antialias=True)
-    grid = grid.permute(0, 2, 3, 1).reshape(B, -1, D).to(pos_embed.dtype)  # (B, h'*w', D)
-    return torch.cat([prefix, grid], dim=1)
+    return resample_abs_pos_embed(pos_embed, list(to_2tuple(new_grid)), list(old_grid), num_prefix_tokens)
 
 
 def resample_relative_position_bias_table(table: torch.Tensor, new_window: int | tuple[int, int]) -> torch.Tensor:
-    """Resize Swin's ((2w-1)^2, heads) relative position bias table to another window, bicubic.
+    """Resize Swin's ((2w-1)^2, heads) relative position bias table to another window, bicubic: timm's
+    :func:`~timm.layers.resize_rel_pos_bias_table_simple`, the same numbers as our former copy.
 
     A window of w tokens has 2w-1 relative offsets per axis; the table is a (2w-1) x (2w-1) image
-    per head, so a larger window gets the same biases interpolated over more offsets.
+    per head, so a larger window gets the same biases interpolated over more offsets. Kept around
+    timm's call: the table is interpolated in float32 and returned contiguous in its own dtype (timm
+    interpolates in the table's dtype and returns a transposed view), and a table that is not
+    square is a ConfigError (timm would take the floor of its square root).
     """
-    new_window = (new_window, new_window) if isinstance(new_window, int) else tuple(new_window)
-    L, heads = table.shape
-    old = math.isqrt(L)
-    if old * old != L:
-        raise ConfigError(f"relative_position_bias_table has {L} rows, not the (2w-1)^2 of a square window")
+    new_window = to_2tuple(new_window)
+    rows, heads = table.shape
+    old = math.isqrt(rows)
+    if old * old != rows:
+        raise ConfigError(f"relative_position_bias_table has {rows} rows, not the (2w-1)^2 of a square window")
     new = (2 * new_window[0] - 1, 2 * new_window[1] - 1)
     if (old, old) == new:
         return table
-    image = table.T.reshape(1, heads, old, old).float()  # (1, heads, 2w-1, 2w-1)
-    image = F.interpolate(image, size=new, mode="bicubic", align_corners=False)
-    return image.reshape(heads, -1).T.contiguous().to(table.dtype)  # ((2w'-1)^2, heads)
+    resized = resize_rel_pos_bias_table_simple(table.float(), new_window, (new[0] * new[1], heads))
+    return resized.contiguous().to(table.dtype)  # ((2w'-1)^2, heads)
 
 
 def _head_names(model: nn.Module) -> tuple[str, ...]:
@@ -219,7 +224,7 @@ def fit_to_model(
         if value.shape != want:
             resampled = _resample(key, value, want, weights, model)
             resampled = resampled if resampled is not None and resampled.shape == want else None
-            if resampled is None and strict_shapes and not any(key == h or key.startswith(h + ".") for h in heads):
+            if resampled is None and strict_shapes and not in_module(key, heads):
                 raise ConfigError(
                     f"{source} does not fit {_model_name(model)}: {key} is {tuple(value.shape)} in the file, "
                     f"{tuple(want)} in the model; is it a checkpoint of another architecture? "
@@ -269,8 +274,7 @@ def read_weights(path: str | Path) -> dict[str, Any]:
     try:
         return load_file(path, device="cpu")
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VitrainError(f"cannot load checkpoint {path}: {first[:200]}") from e
+        raise VitrainError(f"cannot load checkpoint {path}: {first_line(e, 200)}") from e
 
 
 def load_pretrained(
@@ -307,8 +311,7 @@ def fetch_timm_weights(name: str) -> dict[str, torch.Tensor]:
     try:
         return timm.create_model(name, pretrained=True).state_dict()
     except Exception as e:  # the hub download: no network, no cache, no weights for this name
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise VitrainError(
-            f"could not download timm's pretrained weights for '{name}' ({type(e).__name__}: {reason}); "
+            f"could not download timm's pretrained weights for '{name}' ({type(e).__name__}: {first_line(e, 160)}); "
             f"set model.pretrained=false and model.checkpoint=PATH to a local weights file instead"
         ) from e

@@ -14,18 +14,9 @@ import torch
 from torch import nn
 
 from vitrain.errors import ConfigError
+from vitrain.models.heads import new_classifier
 from vitrain.models.registry import register_model
 from vitrain.models.vit import VisionTransformer
-
-
-def _new_head(dim: int, num_classes: int) -> nn.Module:
-    """A classifier initialised as timm does (truncated normal, zero bias); ``Identity`` for 0 classes."""
-    if num_classes <= 0:
-        return nn.Identity()
-    head = nn.Linear(dim, num_classes)
-    nn.init.trunc_normal_(head.weight, std=0.02)
-    nn.init.zeros_(head.bias)
-    return head
 
 
 class DistilledVisionTransformer(VisionTransformer):
@@ -45,7 +36,7 @@ class DistilledVisionTransformer(VisionTransformer):
         self.num_prefix_tokens = 2  # CLS, distillation
         self.dist_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 2, self.embed_dim))
-        self.head_dist = _new_head(self.embed_dim, self.num_classes)
+        self.head_dist = new_classifier(self.embed_dim, self.num_classes)
         nn.init.trunc_normal_(self.dist_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
@@ -56,7 +47,7 @@ class DistilledVisionTransformer(VisionTransformer):
     def reset_classifier(self, num_classes: int) -> None:
         """Fresh ``head`` and ``head_dist`` for a new task."""
         super().reset_classifier(num_classes)
-        self.head_dist = _new_head(self.embed_dim, num_classes)
+        self.head_dist = new_classifier(self.embed_dim, num_classes)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]

@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from vitrain.errors import ConfigError, VitrainError
+from vitrain.errors import ConfigError, VitrainError, first_line
+from vitrain.models.heads import classifier_names
 from vitrain.models.registry import unknown_name
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,7 @@ def _build_dropping_unsupported(build: Callable[..., nn.Module], name: str, **kw
 
 
 def _pretrained_failed(source: str, name: str, error: Exception) -> VitrainError:
-    text = str(error).strip()
-    reason = text.splitlines()[0].split(". ")[0][:200] if text else "no details"
+    reason = first_line(error, 200).split(". ")[0] if str(error).strip() else "no details"  # first sentence
     return VitrainError(
         f"could not fetch {source} weights for '{name}' ({type(error).__name__}: {reason}); without network "
         f"set model.pretrained=false and model.checkpoint=PATH to a local weights file"
@@ -72,8 +72,7 @@ def create_timm_model(
         if pretrained:
             raise _pretrained_failed("timm", name, e) from e
         raise
-    classifier = model.pretrained_cfg.get("classifier", "head")
-    model.head_names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    model.head_names = classifier_names(model)  # timm's pretrained_cfg["classifier"]
     return model
 
 

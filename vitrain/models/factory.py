@@ -10,8 +10,8 @@ from torch import nn
 from vitrain.errors import ConfigError
 from vitrain.models.convert import fetch_timm_weights, load_pretrained
 from vitrain.models.external import create_timm_model, create_torchvision_model
+from vitrain.models.heads import reset_classifier
 from vitrain.models.registry import build_registered
-from vitrain.optim import classifier_names
 
 SOURCES = ("vitrain", "timm", "torchvision")
 
@@ -52,12 +52,3 @@ def create_model(
         reset_classifier(model)
     return model
 
-
-def reset_classifier(model: nn.Module) -> None:
-    """Fresh weights for the classifier head(s), keeping their shape."""
-    for name in classifier_names(model):
-        head = model.get_submodule(name)
-        for layer in [head, *head.modules()]:
-            if isinstance(layer, nn.Linear):
-                nn.init.trunc_normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)

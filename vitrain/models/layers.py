@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers import DropPath, to_2tuple
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -24,10 +24,6 @@ def run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool 
     for block in blocks:
         x = checkpoint(block, x, use_reentrant=False)
     return x
-
-
-def to_2tuple(x: int | tuple[int, int]) -> tuple[int, int]:
-    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
 class PatchEmbed(nn.Module):

@@ -17,9 +17,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
+from timm.models.swin_transformer import get_relative_position_index
 from torch import nn
 
 from vitrain.errors import ConfigError
+from vitrain.models.heads import init_linear, new_classifier
 from vitrain.models.layers import Mlp, PatchEmbed, run_blocks
 from vitrain.models.registry import register_model
 
@@ -42,16 +44,11 @@ def window_reverse(windows: torch.Tensor, window: tuple[int, int], H: int, W: in
 
 
 def relative_position_index(window: tuple[int, int]) -> torch.Tensor:
-    """(N, N) row of the bias table for every (query, key) pair of a window of N = wh * ww tokens.
-
-    The offset (dy, dx) = query - key lies in [-(wh-1), wh-1] x [-(ww-1), ww-1]; it is shifted to start
-    at 0 and numbered row-major, so the table has (2wh-1)(2ww-1) rows, as in the original code.
-    """
-    wh, ww = window
-    ys, xs = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
-    coords = torch.stack([ys.flatten(), xs.flatten()])  # (2, N)
-    offset = coords[:, :, None] - coords[:, None, :]  # (2, N, N): query minus key
-    return (offset[0] + wh - 1) * (2 * ww - 1) + (offset[1] + ww - 1)
+    """(N, N) row of the bias table for every (query, key) pair of a window of N = wh * ww tokens:
+    timm's ``get_relative_position_index``. The offset (dy, dx) = query - key lies in
+    [-(wh-1), wh-1] x [-(ww-1), ww-1]; it is shifted to start at 0 and numbered row-major, so the
+    table has (2wh-1)(2ww-1) rows, as in the original code."""
+    return get_relative_position_index(*window)
 
 
 def _region_labels(size: int, window: int, shift: int) -> torch.Tensor:
@@ -318,9 +315,7 @@ class SwinTransformer(nn.Module):
         tables, zero biases, PyTorch's defaults for the patch conv and the LayerNorms."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                init_linear(m)
             elif isinstance(m, WindowAttention):
                 nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
 
@@ -342,10 +337,7 @@ class SwinTransformer(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head's linear layer with a fresh one for a new task (fine-tuning)."""
         self.num_classes = num_classes
-        self.head.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.trunc_normal_(self.head.fc.weight, std=0.02)
-            nn.init.zeros_(self.head.fc.bias)
+        self.head.fc = new_classifier(self.num_features, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, H', W', num_features)
         x = self.patch_embed(x)  # (B, H/p, W/p, embed_dim)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitrain.models.heads import init_linear, new_classifier
 from vitrain.models.layers import Block, PatchEmbed, run_blocks
 from vitrain.models.registry import register_model
 
@@ -67,9 +68,7 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                init_linear(m)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -88,10 +87,7 @@ class VisionTransformer(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a fresh one for a new task (fine-tuning)."""
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
+        self.head = new_classifier(self.embed_dim, num_classes)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         cls = self.cls_token.expand(x.shape[0], -1, -1)

@@ -1,0 +1,84 @@
+"""``DataConfig``: the schema of the ``data`` config group (``configs/data/*.yaml``).
+
+Each key has its type and default here; a YAML file holds only its choices. Values are checked when the
+config becomes this object, before any data set is opened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vitrain.errors import ConfigError
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+PIPELINES = ("auto", "gpu", "cpu")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class DataConfig:
+    """Which images, how they are split, augmented, mixed and batched."""
+
+    name: str = "digits"  # data set: digits | cifar10 | cifar100 | imagefolder
+    root: str | None = None  # the folder holding the data (CIFAR archives; imagefolder's train/ and val/)
+    download: bool = True  # CIFAR: fetch the archive into root when it is missing (needs network)
+    test_fraction: float = 0.2  # digits: share of the images held out for testing (stratified)
+    split_seed: int = 0  # seed of the digits train/test split and of train_fraction's choice, whatever the seed
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # per-channel normalization mean
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # per-channel normalization std
+    crop_padding: int = 4  # random crop after zero padding by this many pixels; 0 disables
+    hflip: bool = True  # random horizontal flips
+    interpolation: str = "bilinear"  # resize filter: bilinear | bicubic | nearest
+    auto_augment: str | None = None  # timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1 (DeiT); null disables
+    color_jitter: float = 0.0  # brightness/contrast/saturation jitter (timm --color-jitter); off with auto_augment
+    re_prob: float = 0.0  # probability of erasing a random rectangle with noise after normalization (DeiT: 0.25)
+    classes: list[int] | None = None  # keep only these class indices, relabelled 0..k-1; null keeps all
+    train_fraction: float = 1.0  # keep this share of the training images, the same in every class (seeded)
+    batch_size: int = 32  # images per step and process
+    num_workers: int = 4  # loader processes decoding and augmenting images (cpu pipeline)
+    pipeline: str = "auto"  # auto (gpu with CUDA for in-memory data) | gpu: batches augmented on the device | cpu
+    mixup: float = 0.0  # mixup alpha; > 0 turns mixup on (soft targets, label smoothing folded in)
+    cutmix: float = 0.0  # cutmix alpha; > 0 turns cutmix on
+    mixup_prob: float = 1.0  # probability of mixing a batch at all
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+
+    def __post_init__(self) -> None:
+        if self.name not in DATASETS:
+            raise ConfigError(f"unknown data set '{self.name}' (data.name); choose one of {', '.join(DATASETS)}")
+        _choice("pipeline", self.pipeline, PIPELINES)
+        _choice("interpolation", self.interpolation, INTERPOLATIONS)
+        if self.batch_size <= 0:
+            raise ConfigError(f"data.batch_size must be positive, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0 (0 loads in the main process), got {self.num_workers}")
+        if self.crop_padding < 0:
+            raise ConfigError(f"data.crop_padding must be >= 0 (0 disables), got {self.crop_padding}")
+        if not 0 < self.train_fraction <= 1:
+            raise ConfigError(f"data.train_fraction must be in (0, 1], got {self.train_fraction}")
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0 <= self.re_prob <= 1:
+            raise ConfigError(f"data.re_prob is a probability: set it in [0, 1] (0 disables), got {self.re_prob}")
+        for key in ("color_jitter", "mixup", "cutmix"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.{key} must be >= 0 (0 disables), got {getattr(self, key)}")
+        for key in ("mixup_prob", "mixup_switch_prob"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"data.{key} is a probability: set it in [0, 1], got {getattr(self, key)}")
+        if self.name == "imagefolder" and not self.root:
+            raise ConfigError("data.root has no value; set it on the command line (data.root=DIR, the folder "
+                              "holding train/ and val/)")
+        if len(self.mean) != len(self.std):
+            raise ConfigError(f"data.mean and data.std need one value per channel each, got {self.mean} and {self.std}")
+
+    @property
+    def mixes(self) -> bool:
+        """Mixup or cutmix is on: the targets become soft, and batches must be full."""
+        return self.mixup > 0 or self.cutmix > 0
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown data.{key} '{value}'; choose one of {', '.join(choices)}")

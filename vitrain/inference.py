@@ -1,0 +1,70 @@
+"""A trained vitrain checkpoint as plain Python objects, for evaluate, predict and visualize.
+
+The model is rebuilt from the checkpoint's ``model_spec`` and the evaluation transform from its
+``preprocess`` (see :mod:`vitrain.checkpoint`), so loading depends neither on Hydra nor on the YAML
+layout; checkpoints written by vitrain 0.1.0 load too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+from vitrain.checkpoint import load_training_checkpoint
+from vitrain.data.config import DataConfig
+from vitrain.data.transforms import build_transforms
+from vitrain.distributed import resolve_device
+from vitrain.models import create_model
+
+
+@dataclass
+class TrainedModel:
+    """A checkpoint's model (in eval mode on ``device``), its EMA twin when saved, the evaluation transform
+    (PIL image or uint8 tensor -> normalized float tensor), the class names and what else the file holds."""
+
+    model: nn.Module
+    ema: nn.Module | None
+    transform: v2.Compose
+    class_names: list[str]
+    spec: dict[str, Any]
+    preprocess: dict[str, Any]
+    data: DataConfig | None  # the data the model was trained on (None when unknown)
+    device: torch.device
+
+    def pick(self, use_ema: bool) -> nn.Module:
+        """The EMA weights when asked for and present, else the raw ones."""
+        return self.ema if use_ema and self.ema is not None else self.model
+
+
+def eval_transform(preprocess: dict[str, Any]) -> v2.Compose:
+    """The evaluation transform that a checkpoint's ``preprocess`` describes."""
+    return build_transforms(preprocess["img_size"], preprocess["mean"], preprocess["std"], train=False,
+                            interpolation=preprocess["interpolation"])
+
+
+def load_trained(checkpoint: str | Path, device: str | torch.device = "auto") -> TrainedModel:
+    """Load a vitrain training checkpoint (``best.pt``, ``last.pt``) for inference."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    state = load_training_checkpoint(checkpoint)
+    models = []
+    for key in ("model", "model_ema"):
+        if key in state:
+            model = create_model(**state["model_spec"])
+            model.load_state_dict(state[key])
+            models.append(model.to(device).eval())
+    return TrainedModel(models[0], models[1] if len(models) > 1 else None, eval_transform(state["preprocess"]),
+                        list(state["class_names"]), state["model_spec"], state["preprocess"],
+                        _data_config(state.get("data_config")), device)
+
+
+def _data_config(saved: dict[str, Any] | None) -> DataConfig | None:
+    """The saved data config as a :class:`DataConfig`, keeping only the keys it knows."""
+    if saved is None:
+        return None
+    known = DataConfig.__dataclass_fields__
+    return DataConfig(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in saved.items() if k in known})
