@@ -38,7 +38,9 @@ def test_a_010_checkpoint_is_upgraded_to_todays_format() -> None:
 
 def test_a_010_checkpoint_evaluates_to_the_same_top1(tmp_path: Path) -> None:
     """Scored by 0.1.0's evaluate: 25.83% (raw) and 25.56% (EMA) on the 360 test digits; one image is 0.28%."""
-    result = evaluate_checkpoint(V010 / "best.pt", output=tmp_path / "eval.json")
+    (tmp_path / "run").mkdir()
+    shutil.copytree(V010, tmp_path / "run" / "checkpoints")  # evaluate writes beside it, and into <run>/tb
+    result = evaluate_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
     expected = REFERENCE["evaluate_best"]
     assert result["model"]["top1"] == pytest.approx(expected["model_top1"], abs=1e-9)
     assert result["model_ema"]["top1"] == pytest.approx(expected["model_ema_top1"], abs=1e-9)
@@ -51,7 +53,7 @@ def test_a_010_checkpoint_evaluates_to_the_same_top1(tmp_path: Path) -> None:
 def test_a_010_last_pt_resumes_to_the_same_weights_as_010(tmp_path: Path) -> None:
     """0.1.0 resumed its own last.pt (end of epoch 3) to epoch 4 with these numbers; today's code continues
     the same way: the same batches, random draws and weights (CPU, in-memory data)."""
-    shutil.copytree(V010.parent / "v0.1.0", tmp_path / "run" / "checkpoints", ignore=shutil.ignore_patterns("*.json"))
+    shutil.copytree(V010, tmp_path / "run" / "checkpoints", ignore=shutil.ignore_patterns("*.json"))
     cfg = compose([*V010_RUN, "trainer.epochs=4", "trainer.resume=auto"])
     metrics = train(cfg, tmp_path / "run")
     expected = REFERENCE["resumed_to_epoch_4"]
