@@ -269,8 +269,8 @@ def test_random_erasing_replaces_one_rectangle_after_normalization() -> None:
 
 
 @pytest.mark.parametrize("setting, match", [
-    (dict(auto_augment="original"), r"data\.auto_augment='original' is not a RandAugment policy"),
-    (dict(auto_augment="rand-x9"), r"data\.auto_augment='rand-x9' is not a valid timm RandAugment policy"),
+    (dict(auto_augment="autoaugment"), r"data\.auto_augment='autoaugment' is not an augmentation policy"),
+    (dict(auto_augment="rand-x9"), r"data\.auto_augment='rand-x9' is not a valid timm policy string"),
     (dict(color_jitter=-0.1), r"data\.color_jitter must be >= 0"),
     (dict(re_prob=1.5), r"data\.re_prob is a probability"),
 ])

@@ -349,8 +349,9 @@ def test_bad_augment_settings_are_config_errors(setting: dict, match: str) -> No
 
 
 def test_gpu_loaders_on_digits() -> None:
-    splits = build_datasets(DataConfig("digits", mean=MEAN, std=STD, train_fraction=0.5), 16)
-    train, val = gpu_loaders(splits, 16, MEAN, STD, 64, "cpu", seed=2, re_prob=0.25)
+    cfg = DataConfig("digits", mean=MEAN, std=STD, train_fraction=0.5, batch_size=64, re_prob=0.25)
+    splits = build_datasets(cfg, 16)
+    train, val = gpu_loaders(splits, cfg, 16, "cpu", seed=2)
     assert isinstance(train.sampler, EpochSampler) and train.sampler.seed == 2
     assert len(train) == math.ceil(len(splits.train) / 64) and len(val) == math.ceil(360 / 64)
     x, y = next(iter(train))
@@ -359,14 +360,15 @@ def test_gpu_loaders_on_digits() -> None:
     torch.testing.assert_close(torch.cat([x for x, _ in val]), torch.stack(images), atol=1e-6, rtol=0)
     assert torch.cat([y for _, y in val]).tolist() == list(labels)  # in order, the CPU eval transform
     backwards = list(range(len(splits.val)))[::-1]
-    _, val = gpu_loaders(splits, 16, MEAN, STD, 64, "cpu", val_sampler=backwards)
+    _, val = gpu_loaders(splits, cfg, 16, "cpu", val_sampler=backwards)
     assert torch.cat([y for _, y in val]).tolist() == list(labels)[::-1]
 
 
 def test_gpu_loaders_refuses_image_folders(imagefolder_root: Path) -> None:
-    splits = build_datasets(DataConfig("imagefolder", mean=MEAN, std=STD, root=imagefolder_root), 16)
+    cfg = DataConfig("imagefolder", mean=MEAN, std=STD, root=imagefolder_root, batch_size=4)
+    splits = build_datasets(cfg, 16)
     with pytest.raises(ConfigError, match=r"^data\.pipeline=gpu needs an in-memory data set .*use data\.pipeline=cpu$"):
-        gpu_loaders(splits, 16, MEAN, STD, 4, "cpu")
+        gpu_loaders(splits, cfg, 16, "cpu")
 
 
 @pytest.mark.gpu

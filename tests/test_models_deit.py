@@ -17,7 +17,7 @@ from vitrain.models import create_model, deit, list_models
 from vitrain.models.convert import resample_pos_embed, resample_relative_position_bias_table
 from vitrain.models.vit import VisionTransformer
 
-PLAIN = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
+PLAIN = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", "deit_base_patch16_384"]
 DISTILLED = ["deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224",
              "deit_base_distilled_patch16_224", "deit_base_distilled_patch16_384"]
 
@@ -71,6 +71,38 @@ def test_timm_weights_via_file_give_timms_logits(tmp_path: Path, name: str, wrap
     assert (cls_logits - ref_cls).abs().max().item() <= 1e-4
     assert (dist_logits - ref_dist).abs().max().item() <= 1e-4
     torch.testing.assert_close(logits, (cls_logits + dist_logits) / 2)
+
+
+
+def assert_timm_384_parity(name: str, tmp_path: Path, **kwargs: int) -> None:
+    """timm's 384x384 model with random weights -> file -> create_model(name, checkpoint=file): the same eval logits
+    (max |diff| <= 1e-4) on 384x384 images; a distilled one also gives timm's pair in training mode."""
+    torch.manual_seed(0)
+    ref = randomized(timm.create_model(name, **kwargs))
+    torch.save(ref.state_dict(), tmp_path / "deit.pth")
+    ours = create_model(name, checkpoint=tmp_path / "deit.pth", **kwargs)
+    assert ours.patch_embed.img_size == (384, 384)
+    x = images(384, n=1)
+    with torch.no_grad():
+        pairs = [(ours.eval()(x), ref.eval()(x))]
+        if name in DISTILLED:
+            ref.set_distilled_training(True)
+            pairs += list(zip(ours.train()(x), ref.train()(x), strict=True))
+    for logits, expected in pairs:
+        assert logits.shape == (1, 1000) and logits.abs().max().item() > 0.1
+        assert (logits - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["deit_base_patch16_384", "deit_base_distilled_patch16_384"])
+def test_384_variant_gives_timms_logits_at_reduced_depth(name: str, tmp_path: Path) -> None:
+    """Full width, heads and 384x384 grid; two blocks keep it fast (both constructors take depth)."""
+    assert_timm_384_parity(name, tmp_path, depth=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["deit_base_patch16_384", "deit_base_distilled_patch16_384"])
+def test_384_variant_gives_timms_logits_at_full_depth(name: str, tmp_path: Path) -> None:
+    assert_timm_384_parity(name, tmp_path)
 
 
 def test_training_mode_returns_both_heads_and_eval_their_average() -> None:

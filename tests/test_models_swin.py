@@ -36,14 +36,16 @@ def shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
 
 def test_registry_lists_timms_names_and_the_small_image_variant() -> None:
     assert {"swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224", "swin_base_patch4_window7_224",
-            "swin_base_patch4_window12_384", "swin_large_patch4_window7_224", NANO} <= set(VARIANTS)
+            "swin_base_patch4_window12_384", "swin_large_patch4_window7_224", "swin_large_patch4_window12_384",
+            NANO} <= set(VARIANTS)
 
 
 # --- parity with timm ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
-                                  "swin_base_patch4_window12_384"])
+                                  "swin_base_patch4_window12_384",
+                                  pytest.param("swin_large_patch4_window12_384", marks=pytest.mark.slow)])
 def test_timm_checkpoint_loads_strictly_and_gives_the_same_logits(name: str, tmp_path: Path) -> None:
     """Full depth at the variant's own resolution: timm's state dict, saved and reloaded as a file with
     ``weights_only=True``, loads strictly (no buffers missing or extra) and the eval logits agree."""
@@ -60,6 +62,23 @@ def test_timm_checkpoint_loads_strictly_and_gives_the_same_logits(name: str, tmp
         diff = (ours(x) - expected).abs().max().item()
         diff_factory = (via_factory(x) - expected).abs().max().item()
     assert diff <= 1e-4 and diff_factory <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["swin_base_patch4_window12_384", "swin_large_patch4_window12_384"])
+def test_384_variant_gives_timms_logits_at_reduced_depth(name: str, tmp_path: Path) -> None:
+    """Full width, heads, window 12 and 384x384 grids (96, 48, 24, 12), two blocks per stage (both constructors
+    take depths), noise on every parameter: timm's file loads strictly and the logits agree (max |diff| <= 1e-4)."""
+    torch.manual_seed(0)
+    ref = timm.create_model(name, depths=(2, 2, 2, 2)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        torch.save(ref.state_dict(), tmp_path / "swin.pth")
+        ours = create_model(name, depths=(2, 2, 2, 2), checkpoint=tmp_path / "swin.pth").eval()
+        x = torch.randn(1, 3, 384, 384)
+        logits, expected = ours(x), ref(x)
+    assert logits.shape == (1, 1000) and logits.abs().max().item() > 0.1
+    assert (logits - expected).abs().max().item() <= 1e-4
 
 
 def test_torchvision_swin_t_file_gives_torchvision_logits(tmp_path: Path) -> None:

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from test_convert import randomized  # noise on every weight, for parity tests
 
 from vitrain.errors import ConfigError
 from vitrain.models import VisionTransformer, create_model, init_linear, list_models, new_classifier
+from vitrain.models.convert import LoadReport, load_pretrained
 from vitrain.models.layers import Attention, PatchEmbed, to_2tuple
 
 VARIANTS = list_models("vit_*")
-IMAGENET_VARIANTS = [n for n in VARIANTS if n.endswith("_224")]
+IMAGENET_VARIANTS = [n for n in VARIANTS if n.endswith(("_224", "_384"))]
+# timm's 384x384 names (all of timm's ViT sizes that vitrain has at 224, but the huge one, which timm has not at 384)
+AT_384 = ["vit_tiny_patch16_384", "vit_small_patch16_384", "vit_base_patch16_384", "vit_base_patch32_384",
+          "vit_large_patch16_384", "vit_large_patch32_384"]
 # (embed_dim, depth, heads, patch) of the small-image variants, which timm does not have
 SMALL_IMAGE = {"vit_tiny_patch4_32": (192, 12, 3, 4, 32), "vit_small_patch4_32": (384, 12, 6, 4, 32),
                "vit_nano_patch4_16": (64, 6, 4, 4, 16)}
@@ -28,6 +34,9 @@ def test_registry_lists_the_paper_sizes() -> None:
     assert {"vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224",
             "vit_large_patch16_224", "vit_huge_patch14_224"} <= set(VARIANTS)
     assert set(SMALL_IMAGE) <= set(VARIANTS)
+    assert set(AT_384) <= set(VARIANTS) and set(AT_384) <= set(timm.list_models("vit_*_384"))
+    assert all(create_model(n, depth=1).patch_embed.img_size == (384, 384) for n in ("vit_tiny_patch16_384",
+                                                                                     "vit_base_patch32_384"))
 
 
 @pytest.mark.parametrize("name", IMAGENET_VARIANTS)
@@ -81,6 +90,34 @@ def test_timm_weights_give_identical_outputs(global_pool: str) -> None:
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+
+def assert_timm_384_parity(name: str, tmp_path: Path, **kwargs: int) -> None:
+    """timm's model with random weights -> file -> create_model(name, checkpoint=file): nothing missing, extra or
+    resampled, and the same eval logits on 384x384 images (max |diff| <= 1e-4)."""
+    torch.manual_seed(0)
+    ref = randomized(timm.create_model(name, **kwargs))
+    torch.save(ref.state_dict(), tmp_path / "w.pth")
+    assert load_pretrained(create_model(name, **kwargs), tmp_path / "w.pth") == LoadReport([], [], [])
+    ours = create_model(name, checkpoint=tmp_path / "w.pth", **kwargs).eval()
+    x = torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, expected = ours(x), ref(x)
+    assert logits.shape == (1, 1000) and logits.abs().max().item() > 0.1
+    assert (logits - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", AT_384)
+def test_384_variant_gives_timms_logits_at_reduced_depth(name: str, tmp_path: Path) -> None:
+    """Full width, heads, patch size and 384x384 grid; one block keeps it fast (both constructors take depth)."""
+    assert_timm_384_parity(name, tmp_path, depth=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", AT_384)
+def test_384_variant_gives_timms_logits_at_full_depth(name: str, tmp_path: Path) -> None:
+    assert_timm_384_parity(name, tmp_path)
 
 
 def test_conv_patch_embedding_equals_reshape_and_linear() -> None:

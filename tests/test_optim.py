@@ -8,16 +8,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from timm.optim.adan import Adan
+from timm.optim.lamb import Lamb
+from timm.optim.lion import Lion
+from timm.optim.lookahead import Lookahead
+from timm.optim.nadamw import NAdamW
 
 import vitrain.models
 from vitrain import optim
+from vitrain.config import CONFIG_DIR, compose, to_config
 from vitrain.errors import ConfigError
 from vitrain.models import create_model, heads
 from vitrain.optim import (
+    OptimizerConfig,
+    SchedulerConfig,
     build_optimizer,
     build_scheduler,
     layer_ids,
     lr_factor,
+    optimizer_and_schedule,
+    optimizer_names,
     param_groups,
     set_backbone_trainable,
 )
@@ -101,7 +112,7 @@ def test_adamw_step_applies_no_decay_to_tokens() -> None:
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"lr": 0.0}, "optimizer.lr must be positive"),
     ({"lr": 1e-3, "backbone_lr": -1.0}, "optimizer.backbone_lr must be positive"),
-    ({"name": "lion"}, "unknown optimizer 'lion'"),
+    ({"name": "lino"}, "unknown optimizer 'lino'"),
 ])
 def test_bad_optimizer_settings(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -220,3 +231,185 @@ def test_classifier_names_live_in_the_models_and_are_reexported() -> None:
     assert heads.classifier_names(timm_like) == ("fc", "fc_dist")
     assert heads.classifier_names(torch.nn.Linear(2, 2)) == ("head",)
     assert heads.in_module("head.fc.weight", ["head"]) and not heads.in_module("head_dist.weight", ["head"])
+
+
+# the optimizers: timm builds each over vitrain's groups, which it keeps -------------------------------------
+
+OPTIMIZERS = [  # name, class, settings, what the optimizer's defaults must then hold
+    ("adamw", torch.optim.AdamW, {"betas": (0.8, 0.95), "eps": 1e-6}, {"betas": (0.8, 0.95), "eps": 1e-6}),
+    ("sgd", torch.optim.SGD, {"momentum": 0.8, "nesterov": False}, {"momentum": 0.8, "nesterov": False}),
+    ("lamb", Lamb, {"betas": (0.85, 0.99), "eps": 1e-7}, {"betas": (0.85, 0.99), "eps": 1e-7}),
+    ("lion", Lion, {"betas": (0.9, 0.98)}, {"betas": (0.9, 0.98)}),
+    ("adan", Adan, {"betas": (0.9, 0.9, 0.95)}, {"betas": (0.9, 0.9, 0.95)}),
+    ("nadamw", NAdamW, {}, {"betas": (0.9, 0.999)}),
+]
+
+
+def _groups_as_numbers(groups: list[dict], model: torch.nn.Module) -> list[tuple]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(g["name"], g["lr"], g["weight_decay"], [names[id(p)] for p in g["params"]]) for g in groups]
+
+
+def test_the_paper_optimizers_are_timm_names() -> None:
+    assert {"adamw", "sgd", "momentum", "lamb", "lion", "adan", "nadamw"} <= set(optimizer_names())
+
+
+@pytest.mark.parametrize(("name", "cls", "settings", "defaults"), OPTIMIZERS)
+def test_optimizer_keeps_vitrains_groups(name: str, cls: type, settings: dict, defaults: dict) -> None:
+    """Same parameters per group, head 1e-2 and backbone 1e-3 x 0.5^depth, weight decay 0.3 or 0."""
+    model = create_model("vit_nano_patch4_16", num_classes=3)
+    opt = build_optimizer(model, name, lr=1e-2, backbone_lr=1e-3, weight_decay=0.3, layer_decay=0.5, **settings)
+    assert type(opt) is cls
+    expected = param_groups(model, lr=1e-2, backbone_lr=1e-3, weight_decay=0.3, layer_decay=0.5)
+    assert _groups_as_numbers(opt.param_groups, model) == _groups_as_numbers(expected, model)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert len(groups) == 2 + 7 * 2 + 1  # head x 2; embedding and 6 blocks x 2; final norm (no decay only)
+    assert (groups["head"]["lr"], groups["head"]["weight_decay"]) == (1e-2, 0.3)
+    assert (groups["head_no_decay"]["lr"], groups["head_no_decay"]["weight_decay"]) == (1e-2, 0.0)
+    assert groups["backbone_layer6"]["lr"] == pytest.approx(1e-3 * 0.5)  # blocks.5
+    assert groups["backbone_layer0_no_decay"]["lr"] == pytest.approx(1e-3 * 0.5**7)  # cls token, pos embed
+    assert groups["backbone_layer0_no_decay"]["weight_decay"] == 0.0
+    assert groups["backbone_layer7_no_decay"]["lr"] == pytest.approx(1e-3)  # the final norm
+    assert {g["weight_decay"] for k, g in groups.items() if not k.endswith("_no_decay")} == {0.3}
+    for key, value in defaults.items():
+        assert tuple(opt.defaults[key]) == value if isinstance(value, tuple) else opt.defaults[key] == value
+        assert all(g[key] == opt.defaults[key] for g in opt.param_groups)
+
+
+@pytest.mark.parametrize(("name", "cls", "settings", "defaults"), OPTIMIZERS)
+def test_one_step_moves_the_weights(name: str, cls: type, settings: dict, defaults: dict) -> None:
+    torch.manual_seed(0)
+    model = create_model("vit_nano_patch4_16", num_classes=3)
+    opt = build_optimizer(model, name, lr=1e-2, backbone_lr=1e-3, weight_decay=0.05, **settings)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.randn(4, 3, 16, 16)).logsumexp(-1).mean().backward()
+    opt.step()
+    for n in ("head.weight", "blocks.0.attn.qkv.weight", "cls_token"):
+        assert not torch.equal(dict(model.named_parameters())[n], before[n]), n
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("nesterov", "factor"), [(False, 1.0), (True, 1.9)])
+def test_sgd_first_step_numbers(nesterov: bool, factor: float) -> None:
+    """First step, momentum 0.9: p - lr (g + wd p), times 1 + 0.9 with Nesterov; norms get no decay."""
+    model = create_model("vit_nano_patch4_16", num_classes=3)
+    opt = build_optimizer(model, "sgd", lr=0.1, weight_decay=0.01, momentum=0.9, nesterov=nesterov)
+    w, b = model.head.weight.detach().clone(), model.norm.weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    torch.testing.assert_close(model.head.weight, w - 0.1 * factor * (0.5 + 0.01 * w))
+    torch.testing.assert_close(model.norm.weight, b - 0.1 * factor * 0.5)
+
+
+def test_sgd_and_momentum_nesterov_defaults_follow_timm() -> None:
+    model = create_model("vit_nano_patch4_16", num_classes=3)
+    sgd, momentum = build_optimizer(model, "sgd"), build_optimizer(model, "momentum")
+    assert (type(sgd), sgd.defaults["nesterov"], sgd.defaults["momentum"]) == (torch.optim.SGD, True, 0.9)
+    assert (type(momentum), momentum.defaults["nesterov"]) == (torch.optim.SGD, False)
+
+
+def test_lion_first_step_numbers() -> None:
+    """Lion's first step: p (1 - lr wd) - lr sign(g); no decay on the CLS token."""
+    model = create_model("vit_nano_patch4_16", num_classes=3)
+    opt = build_optimizer(model, "lion", lr=1e-3, weight_decay=2.0)
+    w, cls = model.head.weight.detach().clone(), model.cls_token.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, -0.25)
+    opt.step()
+    torch.testing.assert_close(model.head.weight, w * (1 - 1e-3 * 2.0) + 1e-3)
+    torch.testing.assert_close(model.cls_token, cls + 1e-3)
+
+
+def test_lookahead_wraps_the_optimizer_with_the_same_groups() -> None:
+    model = create_model("vit_nano_patch4_16", num_classes=3)
+    opt = build_optimizer(model, "lookahead_sgd", lr=0.1, backbone_lr=0.01)
+    assert type(opt) is Lookahead and type(opt._base_optimizer) is torch.optim.SGD
+    assert _groups_as_numbers(opt.param_groups, model) == _groups_as_numbers(
+        param_groups(model, lr=0.1, backbone_lr=0.01), model)
+
+
+def test_timm_regrouping_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    def regroup(groups: list[dict], **kwargs: object) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for g in groups for p in g["params"]], lr=kwargs["lr"])
+
+    monkeypatch.setattr(optim.timm_optim, "create_optimizer_v2", regroup)
+    with pytest.raises(RuntimeError, match="timm changed vitrain's parameter groups"):
+        build_optimizer(create_model("vit_nano_patch4_16", num_classes=3), "sgd")
+
+
+@pytest.mark.parametrize(("name", "on_cuda", "fused"), [
+    ("adamw", True, True), ("adamw", False, None), ("sgd", True, None), ("lookahead_adamw", True, True),
+])
+def test_fused_adamw_only_on_cuda(monkeypatch: pytest.MonkeyPatch, name: str, on_cuda: bool, fused: bool) -> None:
+    calls = []
+    create = optim.timm_optim.create_optimizer_v2
+    monkeypatch.setattr(optim, "_on_cuda", lambda groups: on_cuda)
+    monkeypatch.setattr(optim.timm_optim, "create_optimizer_v2", lambda *a, **kw: calls.append(kw) or create(*a, **kw))
+    opt = build_optimizer(create_model("vit_nano_patch4_16", num_classes=3), name)
+    assert calls[0].get("fused") is fused
+    base = getattr(opt, "_base_optimizer", opt)
+    assert base.defaults["fused"] is fused
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"name": "adamx"}, "unknown optimizer 'adamx' (optimizer.name); did you mean adamax, adam, radam? all of them"),
+    ({"name": "AdamW"}, "unknown optimizer 'AdamW' (optimizer.name); did you mean adamw"),
+    ({"name": "lookahead_lamm"}, "unknown optimizer 'lookahead_lamm' (optimizer.name); did you mean lamb"),
+    ({"name": "adahessian"}, "optimizer 'adahessian' (optimizer.name) needs second-order gradients"),
+    ({"name": "sgd", "eps": 1e-8}, "optimizer.eps is not used by sgd; set optimizer.eps=null"),
+    ({"name": "adamw", "eps": 0.0}, "optimizer.eps must be positive, got 0.0"),
+    ({"name": "adamw", "nesterov": True}, "optimizer.nesterov is not used by adamw"),
+    ({"name": "sgd", "betas": [0.9, 0.99]}, "optimizer.betas is not used by sgd"),
+    ({"name": "adan", "betas": [0.9, 0.99]}, "optimizer.betas must be 3 values in [0, 1) for adan, got [0.9, 0.99]"),
+    ({"name": "lion", "betas": [0.9, 1.0]}, "optimizer.betas must be 2 values in [0, 1) for lion"),
+    ({"name": "sgd", "momentum": 1.0}, "optimizer.momentum must be in [0, 1), got 1.0"),
+    ({"name": "sgd", "momentum": 0.0}, "Nesterov momentum (sgd) needs optimizer.momentum > 0, got 0"),
+])
+def test_bad_optimizer_config_is_one_line(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        OptimizerConfig(**kwargs)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_unknown_name_lists_close_matches_and_where_to_see_all() -> None:
+    with pytest.raises(ConfigError) as e:
+        to_config(compose(["optimizer.name=lino"]))
+    assert str(e.value) == ("unknown optimizer 'lino' (optimizer.name); did you mean lion, lionc, clion? all of them: "
+                            "python -c \"import timm.optim; print(timm.optim.list_optimizers())\"")
+    OptimizerConfig(name="momentum", momentum=0.0)  # classical momentum 0: plain SGD, allowed
+
+
+@pytest.mark.parametrize("option", ["sgd", "lamb", "lion", "adamw"])
+def test_optimizer_configs_compose_to_their_yaml_values(option: str) -> None:
+    values = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "optimizer" / f"{option}.yaml"))
+    cfg = to_config(compose([f"optimizer={option}"])).optimizer
+    assert isinstance(cfg, OptimizerConfig) and values["name"] == option
+    assert {key: getattr(cfg, key) for key in values} == values
+
+
+def test_sgd_config_is_torchvisions_recipe() -> None:
+    """optimizer=sgd: lr 0.1 per 256 images, momentum 0.9, classical, weight decay 1e-4; at a global batch
+    of 64 the SGD gets lr 0.025."""
+    cfg = to_config(compose(["optimizer=sgd"])).optimizer
+    assert (cfg.name, cfg.lr, cfg.lr_base_batch, cfg.momentum, cfg.nesterov, cfg.weight_decay) == (
+        "sgd", 0.1, 256, 0.9, False, 1e-4)
+    model = create_model("vit_nano_patch4_16", num_classes=3)
+    opt, _ = optimizer_and_schedule(model, cfg, SchedulerConfig(), global_batch=64, steps_per_epoch=10, epochs=1)
+    assert type(opt) is torch.optim.SGD
+    assert (opt.defaults["momentum"], opt.defaults["nesterov"]) == (0.9, False)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.025] * len(opt.param_groups))
+    assert {g["weight_decay"] for g in opt.param_groups} == {1e-4, 0.0}
+
+
+def test_lamb_and_lion_configs_reach_the_optimizer() -> None:
+    model = create_model("vit_nano_patch4_16", num_classes=3)
+    lamb = to_config(compose(["optimizer=lamb"])).optimizer
+    opt, _ = optimizer_and_schedule(model, lamb, SchedulerConfig(), global_batch=512, steps_per_epoch=10, epochs=1)
+    assert type(opt) is Lamb and opt.param_groups[0]["lr"] == pytest.approx(3e-3 * 512 / 2048)
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.05, 0.0}
+    lion = to_config(compose(["optimizer=lion", "optimizer.backbone_lr=1e-5"])).optimizer
+    opt, _ = optimizer_and_schedule(model, lion, SchedulerConfig(), global_batch=512, steps_per_epoch=10, epochs=1)
+    assert type(opt) is Lion and opt.defaults["betas"] == (0.9, 0.99)
+    assert {g["name"]: g["lr"] for g in opt.param_groups} == {
+        "backbone": 1e-5, "backbone_no_decay": 1e-5, "head": 1e-4, "head_no_decay": 1e-4}

@@ -32,12 +32,20 @@ log = logging.getLogger(__name__)
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """The model of the ``model`` group with a ``num_classes`` head, with its starting weights."""
+    """The model of the ``model`` group with a ``num_classes`` head, with its starting weights; with
+    ``model.lora.rank`` > 0, with LoRA adapters and only these and the head trainable."""
     model = create_model(cfg.name, num_classes=num_classes, img_size=cfg.img_size, source=cfg.source,
                          pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, reset_head=cfg.reset_head,
                          **cfg.constructor_kwargs())
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model, cfg.name)
+    if cfg.lora.rank > 0:  # after the starting weights are in: the adapters learn a change of them
+        from vitrain.lora import apply_lora, trainable_parameters  # peft: imported only when asked for
+
+        model = apply_lora(model, cfg.lora)
+        trainable, total = trainable_parameters(model)
+        log.info("LoRA rank %d (alpha %g) on %s: %d of %d parameters train (%.2f%%, adapters and head)",
+                 cfg.lora.rank, cfg.lora.alpha, "/".join(cfg.lora.targets), trainable, total, 100 * trainable / total)
     return model
 
 
@@ -54,10 +62,10 @@ def build_loss(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.M
     for distillation, with the frozen teacher and the adapter from the data's inputs to the teacher's."""
     d = cfg.distill
     if d.name == "none":
-        return build_criterion("none", cfg.loss.label_smoothing)
+        return build_criterion("none", cfg.loss)
     teacher = build_teacher(d.teacher, num_classes, cfg.model.img_size, device, cfg.trainer.channels_last)
     adapter = TeacherInputs(cfg.data.mean, cfg.data.std, d.teacher.mean, d.teacher.std, d.teacher.img_size)
-    return build_criterion(d.name, cfg.loss.label_smoothing, teacher, d.alpha, d.tau, d.reduction, adapter)
+    return build_criterion(d.name, cfg.loss, teacher, d.alpha, d.tau, d.reduction, adapter)
 
 
 def build_trainer(cfg: TrainConfig, run_dir: str | Path, world: World, device: torch.device) -> tuple[Trainer,
@@ -65,7 +73,11 @@ def build_trainer(cfg: TrainConfig, run_dir: str | Path, world: World, device: t
     """Everything a training run needs, in the order that fixes the random draws (data split, loaders,
     model initialisation, teacher): the :class:`Trainer` and the data splits it trains on."""
     splits = rank0_first(lambda: build_datasets(cfg.data, cfg.model.img_size))  # a download once, not per process
-    train_loader, val_loader = build_loaders(splits, cfg.data, cfg.model.img_size, device, cfg.seed, world)
+    train_loader, val_loader, test_loader = build_loaders(splits, cfg.data, cfg.model.img_size, device, cfg.seed,
+                                                          world)
+    if splits.test is None:
+        log.info("validating on the %s split of %s (no data.val_fraction): best.pt and sweeps select on it",
+                 "test" if cfg.data.name in ("digits", "cifar10", "cifar100") else "val", cfg.data.name)
     model = build_model(cfg.model, splits.num_classes).to(device)
     criterion = build_loss(cfg, splits.num_classes, device)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.trainer.accum_steps)
@@ -78,7 +90,8 @@ def build_trainer(cfg: TrainConfig, run_dir: str | Path, world: World, device: t
              splits.num_classes)
     if world.size > 1:  # the same weights everywhere so far; now each rank's own drop path, mixup, CPU-side crops
         seed_everything(cfg.seed + world.rank)
-    loaders = Loaders(train_loader, val_loader, build_mixup(cfg.data, splits.num_classes, cfg.loss.label_smoothing))
+    mixup = build_mixup(cfg.data, splits.num_classes, cfg.loss.label_smoothing)
+    loaders = Loaders(train_loader, val_loader, mixup, test_loader)
     trainer_cfg = dataclasses.replace(cfg.trainer, device=str(device))  # this rank's device under torchrun
     metadata = checkpoint_metadata(cfg, splits.class_names, global_batch, world.size)
     return Trainer(model, optimizer, scheduler, criterion, loaders, trainer_cfg, run_dir, metadata), splits
@@ -90,7 +103,7 @@ def checkpoint_metadata(cfg: TrainConfig, class_names: list[str], global_batch: 
     that inference rebuilds from, the class names, the data config (to evaluate on the same validation set),
     the images per step of all processes (to resume inside an epoch), and the whole config, for the record."""
     preprocess = {"img_size": cfg.model.img_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
-                  "interpolation": cfg.data.interpolation}
+                  "interpolation": cfg.data.interpolation, "crop_pct": cfg.data.crop_pct}
     return {"model_spec": cfg.model.spec(len(class_names)), "preprocess": preprocess, "class_names": class_names,
             "data_config": dataclasses.asdict(cfg.data), "global_batch": global_batch, "world_size": world_size,
             "config": dataclasses.asdict(cfg)}

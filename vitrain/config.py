@@ -52,6 +52,11 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0  # seeds Python, NumPy and torch, and fixes the order of the training batches
 
+    def __post_init__(self) -> None:
+        if self.model.lora.rank > 0 and self.trainer.freeze_backbone:  # it would freeze the adapters too
+            raise ConfigError("model.lora.rank > 0 trains only the adapters and the head already; "
+                              "set trainer.freeze_backbone=false")
+
 
 @dataclass
 class EvaluateConfig:

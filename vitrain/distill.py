@@ -5,7 +5,7 @@ labels)``; the distillation loss runs the teacher on the same (possibly mixed) i
 so fine-tuning and distillation share one training loop. With ``z_cls``, ``z_dist`` the student's
 two outputs (a plain model's one output serves as both) and ``z_t`` the teacher's:
 
-    base = CE(z_cls, y)                                  (soft-target CE under mixup/cutmix)
+    base = CE(z_cls, y), or BCE with loss=bce           (soft targets under mixup/cutmix)
     hard: kd = CE(z_dist, argmax z_t)
     soft: kd = KL(softmax(z_t / tau) || softmax(z_dist / tau)) * tau^2
     loss = (1 - alpha) * base + alpha * kd
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitrain.errors import ConfigError
-from vitrain.losses import ClassificationLoss
+from vitrain.losses import ClassificationLoss, LossConfig, build_base_loss
 
 log = logging.getLogger(__name__)
 
@@ -205,11 +205,19 @@ def build_teacher(cfg: TeacherConfig, num_classes: int, img_size: int, device: t
 
 
 def build_criterion(
-    mode: str = "none", label_smoothing: float = 0.0, teacher: nn.Module | None = None, alpha: float = 0.5,
-    tau: float = 1.0, reduction: str = "batchmean", teacher_inputs: nn.Module | None = None,
+    mode: str = "none", loss: LossConfig | nn.Module | float = 0.0, teacher: nn.Module | None = None,
+    alpha: float = 0.5, tau: float = 1.0, reduction: str = "batchmean", teacher_inputs: nn.Module | None = None,
 ) -> nn.Module:
-    """The loss for ``distill.name``: called as ``criterion(inputs, outputs, labels)``."""
-    base = ClassificationLoss(label_smoothing)
+    """The loss for ``distill.name``: called as ``criterion(inputs, outputs, labels)``.
+
+    ``loss``: the base loss, as the ``loss`` group's :class:`LossConfig`, a loss module called as
+    ``loss(inputs, outputs, labels)``, or a number: the label smoothing of cross-entropy."""
+    if isinstance(loss, nn.Module):
+        base = loss
+    elif isinstance(loss, LossConfig):
+        base = build_base_loss(loss)
+    else:
+        base = ClassificationLoss(float(loss))
     if mode == "none":
         return base
     if teacher is None:

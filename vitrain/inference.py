@@ -35,31 +35,52 @@ class TrainedModel:
     preprocess: dict[str, Any]
     data: DataConfig | None  # the data the model was trained on (None when unknown)
     device: torch.device
+    lora: dict[str, Any] | None = None  # model.lora of a run with LoRA adapters (None: without)
 
     def pick(self, use_ema: bool) -> nn.Module:
         """The EMA weights when asked for and present, else the raw ones."""
         return self.ema if use_ema and self.ema is not None else self.model
 
+    def merged(self, use_ema: bool = False) -> nn.Module:
+        """:meth:`pick`'s model as a plain one: LoRA adapters merged into a copy of its weights, so that its
+        state dict loads into ``create_model(**spec)`` (and into timm's model of a timm-named ViT). The
+        model itself when trained without LoRA."""
+        model = self.pick(use_ema)
+        if not self.lora:
+            return model
+        from vitrain.lora import merge_lora
+
+        return merge_lora(model).eval()
+
 
 def eval_transform(preprocess: dict[str, Any]) -> v2.Compose:
     """The evaluation transform that a checkpoint's ``preprocess`` describes."""
     return build_transforms(preprocess["img_size"], preprocess["mean"], preprocess["std"], train=False,
-                            interpolation=preprocess["interpolation"])
+                            interpolation=preprocess["interpolation"], crop_pct=preprocess.get("crop_pct", 1.0))
 
 
 def load_trained(checkpoint: str | Path, device: str | torch.device = "auto") -> TrainedModel:
-    """Load a vitrain training checkpoint (``best.pt``, ``last.pt``) for inference."""
+    """Load a vitrain training checkpoint (``best.pt``, ``last.pt``) for inference. A run with LoRA
+    (``model.lora.rank`` > 0 in its config) gets its adapters back, as they trained
+    (:meth:`TrainedModel.merged`: the plain model)."""
     device = resolve_device(device) if isinstance(device, str) else device
     state = load_training_checkpoint(checkpoint)
+    lora = ((state.get("config") or {}).get("model") or {}).get("lora")
+    lora = dict(lora) if lora and lora.get("rank", 0) > 0 else None
     models = []
     for key in ("model", "model_ema"):
         if key in state:
             model = create_model(**state["model_spec"])
+            if lora is not None:
+                from vitrain.lora import apply_lora
+                from vitrain.models.config import LoraSpec
+
+                model = apply_lora(model, LoraSpec(**{**lora, "targets": list(lora["targets"])}))
             model.load_state_dict(state[key])
             models.append(model.to(device).eval())
     return TrainedModel(models[0], models[1] if len(models) > 1 else None, eval_transform(state["preprocess"]),
                         list(state["class_names"]), state["model_spec"], state["preprocess"],
-                        _data_config(state.get("data_config")), device)
+                        _data_config(state.get("data_config")), device, lora)
 
 
 def _data_config(saved: dict[str, Any] | None) -> DataConfig | None:

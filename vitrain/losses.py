@@ -2,7 +2,11 @@
 
 The inputs are passed so that a loss can run a teacher on them (see :mod:`vitrain.distill`); one
 training loop then serves plain fine-tuning and distillation. :class:`LossConfig` is the schema of the
-``loss`` config group.
+``loss`` config group, :func:`build_base_loss` the loss it names.
+
+``bce`` is the binary cross-entropy of DeiT III and timm's ``--bce-loss``: every class is a separate
+sigmoid, against targets t (one-hot, smoothed, or mixup/cutmix's soft targets), averaged over the batch
+and the classes: mean of -[t log sigmoid(z) + (1 - t) log(1 - sigmoid(z))].
 """
 
 from __future__ import annotations
@@ -11,25 +15,37 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.loss import BinaryCrossEntropy
 from torch import nn
 
 from vitrain.errors import ConfigError
 
-LOSSES = ("ce",)
+LOSSES = ("ce", "bce")
 
 
 @dataclass
 class LossConfig:
     """The ``loss`` group: the classification loss (distillation, the ``distill`` group, adds to it)."""
 
-    name: str = "ce"  # ce: cross-entropy (soft-target cross-entropy under mixup/cutmix)
-    label_smoothing: float = 0.0  # cross-entropy label smoothing (folded into the mixup targets when mixing)
+    name: str = "ce"  # ce: cross-entropy (soft-target under mixup/cutmix) | bce: per-class binary cross-entropy
+    label_smoothing: float = 0.0  # label smoothing (folded into the mixup targets when mixing)
+    bce_target_thresh: float | None = None  # bce only: targets above it become 1, the others 0 (null: kept soft)
 
     def __post_init__(self) -> None:
         if self.name not in LOSSES:
             raise ConfigError(f"unknown loss '{self.name}' (loss.name); choose one of {', '.join(LOSSES)}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.bce_target_thresh is not None and self.name != "bce":
+            raise ConfigError(f"loss.bce_target_thresh applies to loss.name=bce only, not {self.name}; "
+                              f"set loss=bce or loss.bce_target_thresh=null")
+        if self.bce_target_thresh is not None and not 0 <= self.bce_target_thresh < 1:
+            raise ConfigError(f"loss.bce_target_thresh must be in [0, 1) or null, got {self.bce_target_thresh}")
+
+
+def _heads(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """One model output, or the tuple of a two-headed model (DeiT in training: cls and dist logits)."""
+    return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
 class ClassificationLoss(nn.Module):
@@ -47,7 +63,34 @@ class ClassificationLoss(nn.Module):
     def forward(
         self, inputs: torch.Tensor, outputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor
     ) -> torch.Tensor:
-        heads = outputs if isinstance(outputs, tuple) else (outputs,)
         smoothing = 0.0 if labels.is_floating_point() else self.label_smoothing
-        losses = [F.cross_entropy(h, labels, label_smoothing=smoothing) for h in heads]
+        losses = [F.cross_entropy(h, labels, label_smoothing=smoothing) for h in _heads(outputs)]
         return torch.stack(losses).mean()
+
+
+class BinaryCrossEntropyLoss(nn.Module):
+    """timm's :class:`~timm.loss.BinaryCrossEntropy` (DeiT III, ``--bce-loss``), called as the other losses.
+
+    Class indices become one-hot targets with label smoothing s over C classes: s / C off, 1 - s + s / C on.
+    Soft targets (B, classes) from mixup/cutmix are used as they are (the mixing already smoothed them).
+    ``target_thresh``: targets above it become 1, the others 0. The logits are taken in float32 (so are
+    the targets built from them); two heads give the mean of both heads' losses, as :class:`ClassificationLoss`.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, target_thresh: float | None = None) -> None:
+        super().__init__()
+        self.label_smoothing, self.target_thresh = label_smoothing, target_thresh
+        self.bce = BinaryCrossEntropy(smoothing=label_smoothing, target_threshold=target_thresh)
+
+    def forward(
+        self, inputs: torch.Tensor, outputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor
+    ) -> torch.Tensor:
+        losses = [self.bce(h.float(), labels) for h in _heads(outputs)]
+        return torch.stack(losses).mean()
+
+
+def build_base_loss(cfg: LossConfig) -> nn.Module:
+    """The classification loss of the ``loss`` group, called as ``loss(inputs, outputs, labels)``."""
+    if cfg.name == "bce":
+        return BinaryCrossEntropyLoss(cfg.label_smoothing, cfg.bce_target_thresh)
+    return ClassificationLoss(cfg.label_smoothing)

@@ -56,3 +56,20 @@ def score(
             "top5": 100.0 * counts[-1].item() / total,
             "per_class_top1": (matrix.diag() / matrix.sum(1).clamp(min=1) * 100).tolist(),
             "confusion": matrix.tolist(), "images": total, "images_per_sec": total / max(seconds, 1e-9)}
+
+
+class LossWindow:
+    """The training losses since the last log, summed on the device (no host sync per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.total, self.batches = torch.zeros((), device=device), 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss.detach().float()
+        self.batches += 1
+
+    def pop_mean(self) -> float:
+        """The mean over the ranks of their windows' mean losses (one host sync), and a fresh window."""
+        mean = distributed.all_reduce_mean(self.total / max(1, self.batches)).item()
+        self.total, self.batches = torch.zeros_like(self.total), 0
+        return mean

@@ -1,5 +1,8 @@
 """Optimizer parameter groups and learning-rate schedules, as pure functions.
 
+Optimizers: ``adamw`` (fused on CUDA), ``sgd``, ``lamb``, ``lion`` and every other name of timm's
+``timm.optim.list_optimizers()``, built by timm from vitrain's parameter groups, which it keeps as they are.
+
 Parameter groups: the classifier head and the backbone get their own learning rates (fine-tuning
 uses a small one for the pretrained backbone and a large one for the new head), and each splits into
 a weight-decayed part and a part without decay (biases, norm weights, tokens, position embeddings).
@@ -13,13 +16,16 @@ with it, stepped once per optimizer step.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
+from timm import optim as timm_optim
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -101,20 +107,74 @@ def build_optimizer(
     lr: float = 1e-3,
     backbone_lr: float | None = None,
     weight_decay: float = 0.05,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: Iterable[float] | None = None,
     layer_decay: float | None = None,
+    momentum: float = 0.9,
+    nesterov: bool | None = None,
+    eps: float | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups` (fused kernels on CUDA)."""
-    if name != "adamw":
-        raise ConfigError(f"unknown optimizer '{name}' (optimizer.name); choose adamw")
-    for key, value in (("optimizer.lr", lr), ("optimizer.backbone_lr", backbone_lr)):
-        if value is not None and value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    if layer_decay is not None and not 0 < layer_decay <= 1:
-        raise ConfigError(f"optimizer.layer_decay must be in (0, 1], got {layer_decay}")
+    """The optimizer ``name`` (see :func:`optimizer_names`) over :func:`param_groups`, built by timm.
+
+    timm gets the groups as they are (their ``lr`` and ``weight_decay`` stay). ``betas``, ``eps`` and
+    ``nesterov`` left ``None`` keep the optimizer's own defaults; ``momentum`` goes to those that take
+    one. AdamW uses fused kernels when every parameter is on CUDA.
+    """
+    cfg = OptimizerConfig(name=name, lr=lr, backbone_lr=backbone_lr, weight_decay=weight_decay,
+                          betas=None if betas is None else list(betas), layer_decay=layer_decay,
+                          momentum=momentum, nesterov=nesterov, eps=eps)  # the range and name checks
     groups = param_groups(model, lr, backbone_lr, weight_decay, layer_decay=layer_decay)
-    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=on_cuda or None)
+    given = {"betas": None if cfg.betas is None else tuple(cfg.betas), "eps": eps, "nesterov": nesterov}
+    extra = {key: value for key, value in given.items() if value is not None}  # None: the optimizer's default
+    if _base_name(name) == "adamw" and _on_cuda(groups):
+        extra["fused"] = True
+    try:  # filter_bias_and_bn, layer_decay, param_group_fn only regroup a model; given groups pass through
+        opt = timm_optim.create_optimizer_v2(groups, opt=name, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                             filter_bias_and_bn=False, layer_decay=None, param_group_fn=None,
+                                             **extra)
+    except (ImportError, AssertionError) as e:  # apex / bitsandbytes optimizers: package or CUDA missing
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"optimizer.name={name} cannot be built here: {why}") from e
+    kept = [(g["lr"], g["weight_decay"], [id(p) for p in g["params"]]) for g in opt.param_groups]
+    if kept != [(g["lr"], g["weight_decay"], [id(p) for p in g["params"]]) for g in groups]:
+        raise RuntimeError(f"timm changed vitrain's parameter groups of optimizer '{name}'")
+    return opt
+
+
+def _on_cuda(groups: list[dict]) -> bool:
+    """Whether every parameter is on CUDA (AdamW then asks for fused kernels)."""
+    return all(p.is_cuda for g in groups for p in g["params"])
+
+
+LOOKAHEAD = "lookahead_"
+
+
+def _base_name(name: str) -> str:
+    """The optimizer under timm's ``lookahead_`` wrapper."""
+    return name[len(LOOKAHEAD):] if name.startswith(LOOKAHEAD) else name
+
+
+def optimizer_names() -> list[str]:
+    """The values ``optimizer.name`` accepts: timm's ``list_optimizers()``, each also as ``lookahead_<name>``."""
+    return timm_optim.list_optimizers()
+
+
+def _takes(name: str, argument: str) -> bool:
+    """Whether the optimizer's constructor has ``argument`` (assumed for the apex / bitsandbytes ones,
+    which are not imported to check)."""
+    opt_class = timm_optim.get_optimizer_info(name).opt_class
+    return isinstance(opt_class, str) or argument in inspect.signature(opt_class).parameters
+
+
+def _check_name(name: str) -> None:
+    names = optimizer_names()
+    if _base_name(name) not in names:
+        close = difflib.get_close_matches(_base_name(name).lower(), names, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(f"unknown optimizer '{name}' (optimizer.name); {hint}all of them: "
+                          f"python -c \"import timm.optim; print(timm.optim.list_optimizers())\"")
+    if timm_optim.get_optimizer_info(_base_name(name)).second_order:
+        raise ConfigError(f"optimizer '{name}' (optimizer.name) needs second-order gradients, which the trainer "
+                          "does not compute; choose another")
 
 
 def lr_factor(
@@ -162,26 +222,25 @@ def build_scheduler(
     return LambdaLR(optimizer, fn)
 
 
-OPTIMIZERS = ("adamw",)
-
-
 @dataclass
 class OptimizerConfig:
-    """The ``optimizer`` group: AdamW over the backbone/head parameter groups."""
+    """The ``optimizer`` group: the optimizer and its settings over the backbone/head parameter groups."""
 
-    name: str = "adamw"  # optimizer
+    name: str = "adamw"  # adamw | sgd | lamb | lion | any name of timm.optim.list_optimizers()
     lr: float = 1e-3  # learning rate of the head (and of the whole model when backbone_lr is null)
     backbone_lr: float | None = None  # learning rate of everything but the head; null: lr
-    weight_decay: float = 0.05  # decoupled weight decay; never on biases, norms, tokens, position embeddings
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's moment decay rates
+    weight_decay: float = 0.05  # AdamW, LAMB, Lion: on the update; SGD: L2 on the gradient; never biases, norms, tokens
+    betas: list[float] | None = None  # Adam/LAMB/Lion moment decay rates (3 for adan); null: the optimizer's own
+    momentum: float = 0.9  # momentum of sgd and the others that take one (lars, rmsprop, ...); ignored by the rest
+    nesterov: bool | None = None  # Nesterov momentum; null: the name decides (timm: sgd yes, momentum no)
+    eps: float | None = None  # the optimizer's epsilon; null: its own default
     scale_lr: bool = False  # lr and backbone_lr x global batch / lr_base_batch (DeiT)
     lr_base_batch: int | None = None  # the batch that lr is given for when scaling (null: 512); setting it scales
     layer_decay: float | None = None  # layer-wise lr decay (e.g. 0.65): block k below the top gets layer_decay^k
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer '{self.name}' (optimizer.name); choose {', '.join(OPTIMIZERS)}")
-        for key in ("lr", "backbone_lr"):
+        _check_name(self.name)
+        for key in ("lr", "backbone_lr", "eps"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"optimizer.{key} must be positive, got {value}")
@@ -189,10 +248,29 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ConfigError(f"optimizer.layer_decay must be in (0, 1], got {self.layer_decay}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"optimizer.betas must be two values in [0, 1), got {list(self.betas)}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optimizer.momentum must be in [0, 1), got {self.momentum}")
         if self.lr_base_batch is not None and self.lr_base_batch <= 0:
             raise ConfigError(f"optimizer.lr_base_batch must be positive (or null), got {self.lr_base_batch}")
+        self._check_fits_optimizer()
+
+    def _check_fits_optimizer(self) -> None:
+        """betas, eps and nesterov only where the optimizer takes them, and with the right count."""
+        base = _base_name(self.name)
+        info = timm_optim.get_optimizer_info(base)
+        if self.betas is not None:
+            if not info.has_betas:
+                raise ConfigError(f"optimizer.betas is not used by {self.name}; set optimizer.betas=null")
+            if len(self.betas) != info.num_betas or not all(0 <= b < 1 for b in self.betas):
+                raise ConfigError(f"optimizer.betas must be {info.num_betas} values in [0, 1) for {self.name}, "
+                                  f"got {list(self.betas)}")
+        if self.eps is not None and not info.has_eps:
+            raise ConfigError(f"optimizer.eps is not used by {self.name}; set optimizer.eps=null")
+        if self.nesterov is not None and not _takes(base, "nesterov"):
+            raise ConfigError(f"optimizer.nesterov is not used by {self.name}; set optimizer.nesterov=null")
+        nesterov = (info.defaults or {}).get("nesterov") if self.nesterov is None else self.nesterov
+        if nesterov and info.has_momentum and self.momentum == 0:
+            raise ConfigError(f"Nesterov momentum ({self.name}) needs optimizer.momentum > 0, got 0")
 
     def lr_scale(self, global_batch: int) -> float:
         """With ``scale_lr`` (or an ``lr_base_batch``), the learning rates scale linearly with the images
@@ -228,12 +306,12 @@ def optimizer_and_schedule(
     model: nn.Module, optimizer: OptimizerConfig, scheduler: SchedulerConfig, global_batch: int,
     steps_per_epoch: int, epochs: int,
 ) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    """AdamW over the parameter groups, at learning rates scaled for ``global_batch`` (the images per
+    """The optimizer over the parameter groups, at learning rates scaled for ``global_batch`` (the images per
     optimizer step of all processes), and the per-step schedule over ``epochs`` epochs."""
     scale = optimizer.lr_scale(global_batch)
     backbone_lr = None if optimizer.backbone_lr is None else optimizer.backbone_lr * scale
     opt = build_optimizer(model, optimizer.name, optimizer.lr * scale, backbone_lr, optimizer.weight_decay,
-                          tuple(optimizer.betas), optimizer.layer_decay)
+                          optimizer.betas, optimizer.layer_decay, optimizer.momentum, optimizer.nesterov, optimizer.eps)
     schedule = build_scheduler(
         opt, total_steps=epochs * steps_per_epoch, name=scheduler.name,
         warmup_steps=math.ceil(scheduler.warmup_epochs * steps_per_epoch), min_lr_ratio=scheduler.min_lr_ratio,

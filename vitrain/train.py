@@ -51,13 +51,18 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, Any]:
     log.info("training on %s%s for %d epochs; writing to %s", trainer.device,
              f" x {world.size} processes" if world.size > 1 else "", cfg.trainer.epochs, run_dir)
     metrics = trainer.fit()
+    if cfg.model.lora.rank > 0 and world.is_main:  # the final adapters and head, in peft's format
+        from vitrain.lora import save_adapters
+
+        save_adapters(trainer.model, run_dir / "checkpoints" / "adapter")
     if cfg.trainer.log_images and world.is_main:
         from vitrain.figures import log_end_of_training  # matplotlib: imported only when asked for
 
         log_end_of_training(run_dir / "tb", trainer.model, splits.val, trainer.state.step, cfg.data.mean,
                             cfg.data.std, splits.class_names)
-    log.info("best top-1 %.2f%%, final top-1 %.2f%%, %.0f train img/s, %.1f s", metrics["best_top1"],
-             metrics["final_top1"], metrics["train_images_per_sec"], metrics["wall_time_sec"])
+    log.info("best val top-1 %.2f%%, final val top-1 %.2f%%%s, %.0f train img/s, %.1f s", metrics["best_top1"],
+             metrics["final_top1"], "" if metrics["test_top1"] is None else f", test top-1 {metrics['test_top1']:.2f}%",
+             metrics["train_images_per_sec"], metrics["wall_time_sec"])
     return metrics
 
 

@@ -9,6 +9,7 @@ config group; the guards (NaN/inf, stop signals) are in :mod:`vitrain.guards`, t
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -29,7 +30,7 @@ from vitrain.checkpoint import rng_state, set_rng_state, write_checkpoints
 from vitrain.distributed import BACKENDS, resolve_device
 from vitrain.errors import ConfigError, Preempted
 from vitrain.guards import NonFiniteGuard, StopSignals
-from vitrain.metrics import score
+from vitrain.metrics import LossWindow, score
 from vitrain.optim import set_backbone_trainable
 from vitrain.runtime import PRECISIONS, autocast_dtype, use_channels_last
 
@@ -87,12 +88,14 @@ class TrainerConfig:
 
 @dataclass
 class Loaders:
-    """What the Trainer reads: training batches, validation batches, and timm's mixup/cutmix (or None)
-    applied to every training batch on the device."""
+    """What the Trainer reads: training batches, validation batches (model selection: best.pt), timm's
+    mixup/cutmix (or None) applied to every training batch on the device, and test batches (or None),
+    scored once at the end with the best weights."""
 
     train: Iterable[Batch]
     val: Iterable[Batch]
     mixup: Callable[[torch.Tensor, torch.Tensor], Batch] | None = None
+    test: Iterable[Batch] | None = None
 
 
 @dataclass
@@ -138,6 +141,7 @@ class Trainer:
         self.state = TrainState()
         self.guard, self.stop = NonFiniteGuard(self.ckpt_dir / "last.pt"), StopSignals()
         self._resumed_rng: dict[str, Any] | None = None
+        self._best_weights: dict[str, torch.Tensor] | None = None
 
     def _build_train_model(self) -> None:
         """The model of the training step: in DDP under torchrun. trainer.compile: the forward and loss
@@ -173,6 +177,8 @@ class Trainer:
                    "history": s.history}
         if self.ema is not None:
             metrics["final_top1_ema"] = s.history[-1]["val_top1_ema"]
+        metrics["val_top1"] = metrics["final_top1"]  # final_top1 and best_top1 are validation figures too
+        metrics["test_top1"] = self.test_best() if self.loaders.test is not None else None
         if self.is_main:
             (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         self.writer.close()
@@ -306,6 +312,21 @@ class Trainer:
         return score(self.model if model is None else model, self.loaders.val, self.device, self._autocast,
                      self.memory_format)
 
+    def test_best(self) -> float:
+        """Top-1 on the test set of the weights that scored best on the validation set (best.pt's): the one
+        look at the test set, after model selection."""
+        best = self._best_weights
+        if best is None and (self.ckpt_dir / "best.pt").is_file():  # resumed after the last new best
+            best = torch.load(self.ckpt_dir / "best.pt", map_location="cpu", weights_only=True)["model"]
+        if best is None:
+            log.warning("no best weights in memory or in %s: the test set scores the final weights", self.ckpt_dir)
+            return score(self.model, self.loaders.test, self.device, self._autocast, self.memory_format)["top1"]
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(best)
+        top1 = score(model, self.loaders.test, self.device, self._autocast, self.memory_format)["top1"]
+        log.info("test top-1 %.2f%% (the best validation epoch's weights)", top1)
+        return top1
+
     def learning_rates(self) -> dict[str, float]:
         """Current learning rate of each part (``backbone``, ``head``)."""
         return {g.get("name", str(i)).removesuffix("_no_decay"): g["lr"]
@@ -361,6 +382,8 @@ class Trainer:
         best = val is not None and val["top1"] > self.state.best_top1
         if best:
             self.state.best_top1 = val["top1"]
+            if self.loaders.test is not None:  # for the test set at the end, without a file read on every rank
+                self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         state = self.state_dict()
         if distributed.world_size() > 1:  # each rank's generators, for an exact resume on as many ranks
             state["rng_ranks"] = distributed.gather_objects(state["rng"])
@@ -369,19 +392,3 @@ class Trainer:
         scores = {k: val[k] for k in ("loss", "top1", "top5")} if best else None
         return write_checkpoints(state, self.ckpt_dir, scores, self.config.keep_last)
 
-
-class LossWindow:
-    """The training losses since the last log, summed on the device (no host sync per step)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.total, self.batches = torch.zeros((), device=device), 0
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.total += loss.detach().float()
-        self.batches += 1
-
-    def pop_mean(self) -> float:
-        """The mean over the ranks of their windows' mean losses (one host sync), and a fresh window."""
-        mean = distributed.all_reduce_mean(self.total / max(1, self.batches)).item()
-        self.total, self.batches = torch.zeros_like(self.total), 0
-        return mean

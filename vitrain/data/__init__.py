@@ -7,6 +7,7 @@ mixup/cutmix."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from numbers import Integral
@@ -19,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from vitrain.data.config import DATASETS, DataConfig
 from vitrain.data.datasets import DataSplits, keep_classes, load_cifar, load_digits, load_imagefolder
-from vitrain.data.gpu import gpu_loaders, resolve_pipeline
-from vitrain.data.samplers import EpochSampler, ShardedEpochSampler, ShardSampler, build_samplers
+from vitrain.data.gpu import gpu_eval_loader, gpu_loaders, resolve_pipeline
+from vitrain.data.samplers import EpochSampler, ShardedEpochSampler, ShardSampler, build_samplers, eval_sampler
 from vitrain.data.transforms import build_transforms
 from vitrain.distributed import World
 from vitrain.errors import ConfigError, DataError
@@ -33,10 +34,11 @@ __all__ = ["DATASETS", "DataConfig", "DataSplits", "EpochSampler", "ShardSampler
 
 
 def build_datasets(cfg: DataConfig, img_size: int) -> DataSplits:
-    """The train/val sets of ``cfg`` at ``img_size``: load the data set, keep only ``cfg.classes``
-    (relabelled 0..k-1 in the given order) and a stratified ``cfg.train_fraction`` of the training images
-    (seeded by ``cfg.split_seed``), and attach the train transform (with the augmentations asked for) and
-    the eval transform."""
+    """The train/val(/test) sets of ``cfg`` at ``img_size``: load the data set, keep only ``cfg.classes``
+    (relabelled 0..k-1 in the given order); with ``cfg.val_fraction``, hold out a stratified share of the
+    training images as the validation set (the data set's eval split becomes the test set); keep a
+    stratified ``cfg.train_fraction`` of the rest (both seeded by ``cfg.split_seed``); attach the train
+    transform (with the augmentations asked for) and the eval transform."""
     if cfg.name == "digits":
         train, val, names = load_digits(cfg.test_fraction, cfg.split_seed)
     elif cfg.name in ("cifar10", "cifar100"):
@@ -49,27 +51,47 @@ def build_datasets(cfg: DataConfig, img_size: int) -> DataSplits:
             if len(keep_classes(dataset, chosen)) == 0:
                 raise DataError(f"{cfg.name} has no {split} images of data.classes={chosen}; pick classes it has")
         names = [names[c] for c in chosen]
+    evaluate = build_transforms(img_size, cfg.mean, cfg.std, False, interpolation=cfg.interpolation,
+                                crop_pct=cfg.crop_pct)
+    test = None
+    if cfg.val_fraction > 0:  # the eval split becomes the test set; validation comes out of the training images
+        test, base = val, train
+        held = _stratified_indices(_labels(base), cfg.val_fraction, cfg.split_seed)
+        rest = sorted(set(range(len(base))) - set(held))
+        val, train = Subset(copy.copy(base), held), Subset(base, rest)  # a copy: its own (eval) transform
+        val.dataset.transform = test.transform = evaluate
+    else:
+        val.transform = evaluate
     if cfg.train_fraction < 1:
-        train = _stratified_subset(train, cfg.train_fraction, cfg.split_seed)
+        kept = _stratified_indices(_labels(train), cfg.train_fraction, cfg.split_seed)
+        train = Subset(train.dataset, [train.indices[i] for i in kept]) if isinstance(train, Subset) \
+            else Subset(train, kept)
     train_set = train.dataset if isinstance(train, Subset) else train
     train_set.transform = build_transforms(
         img_size, cfg.mean, cfg.std, True, cfg.crop_padding, cfg.hflip, cfg.interpolation,
         auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter, re_prob=cfg.re_prob,
+        train_crop=cfg.train_crop, scale=cfg.scale, ratio=cfg.ratio,
     )
-    val.transform = build_transforms(img_size, cfg.mean, cfg.std, False, interpolation=cfg.interpolation)
-    return DataSplits(train, val, names)
+    return DataSplits(train, val, names, test)
 
 
-def _stratified_subset(dataset: Dataset, fraction: float, seed: int) -> Subset:
-    """The same ``fraction`` of every class (at least one image each), chosen by a seeded permutation."""
-    labels = torch.as_tensor(dataset.labels if hasattr(dataset, "labels") else dataset.targets)
+def _labels(dataset: Dataset) -> torch.Tensor:
+    """The labels of an in-memory set or an image folder, or of the images a Subset keeps of one."""
+    if isinstance(dataset, Subset):
+        return _labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    return torch.as_tensor(dataset.labels if hasattr(dataset, "labels") else dataset.targets)
+
+
+def _stratified_indices(labels: torch.Tensor, fraction: float, seed: int) -> list[int]:
+    """Positions of the same ``fraction`` of every class (at least one image each), chosen by a seeded
+    permutation, in increasing order."""
     g = torch.Generator().manual_seed(seed)
     keep = []
     for c in labels.unique():
         members = torch.nonzero(labels == c).flatten()
         members = members[torch.randperm(len(members), generator=g)]
         keep.append(members[: max(1, round(fraction * len(members)))])
-    return Subset(dataset, torch.cat(keep).sort().values.tolist())
+    return torch.cat(keep).sort().values.tolist()
 
 
 def _check_classes(classes: Sequence[int], name: str, num_classes: int) -> list[int]:
@@ -104,38 +126,48 @@ def cpu_loaders(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    repeats: int = 1,
 ) -> tuple[DataLoader, DataLoader]:
     """Shuffled train loader (an :class:`EpochSampler`; ``drop_last`` drops a short last batch) and an
     ordered val loader, or this rank's shares of them (:func:`build_samplers`). Each has its own
     generator, so making an iterator leaves the global RNG alone; the workers' augmentation seeds
-    differ between ranks."""
+    differ between ranks. ``repeats``: repeated augmentation (:class:`EpochSampler`)."""
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                   persistent_workers=num_workers > 0)
-    train_sampler, val_sampler = build_samplers(splits, batch_size, seed, drop_last, rank, world_size)
+    train_sampler, _ = build_samplers(splits, batch_size, seed, drop_last, rank, world_size, repeats)
     train = DataLoader(splits.train, sampler=train_sampler, generator=torch.Generator().manual_seed(seed + rank),
                        drop_last=drop_last, **common)
-    val = DataLoader(splits.val, sampler=val_sampler, shuffle=False, generator=torch.Generator().manual_seed(seed),
-                     **common)
-    return train, val
+    return train, cpu_eval_loader(splits.val, batch_size, num_workers, pin_memory, rank, world_size)
+
+
+def cpu_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
+                    rank: int = 0, world_size: int = 1) -> DataLoader:
+    """An evaluation set (validation or test) in order, or this rank's share of it under torchrun."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=eval_sampler(len(dataset), rank, world_size),
+                      shuffle=False, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
 
 
 def build_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device: torch.device, seed: int,
-                  world: World | None = None) -> tuple[Any, Any]:
-    """Train/val loaders of ``data.pipeline``: batched augmentation on the device for in-memory data (gpu),
-    or per-image transforms in loader workers (cpu). Under torchrun, this rank's shares of the batches
-    (``data.batch_size`` images per rank and step). With mixup, a short last batch is dropped (mixup
-    pairs the images of a batch)."""
+                  world: World | None = None) -> tuple[Any, Any, Any]:
+    """Train/val/test loaders of ``data.pipeline`` (test: None without a test split): batched augmentation on
+    the device for in-memory data (gpu), or per-image transforms in loader workers (cpu). Under torchrun,
+    this rank's shares of the batches (``data.batch_size`` images per rank and step). With mixup, a short
+    last batch is dropped (mixup pairs the images of a batch)."""
     world = world or World()
     pipeline = resolve_pipeline(cfg.pipeline, splits.train, device, cfg.auto_augment, cfg.color_jitter)
     log.info("data pipeline: %s", pipeline)
-    train_sampler, val_sampler = build_samplers(splits, cfg.batch_size, seed, cfg.mixes, world.rank, world.size)
+    test_sampler = None if splits.test is None else eval_sampler(len(splits.test), world.rank, world.size)
     if pipeline == "gpu":
-        return gpu_loaders(splits, img_size, cfg.mean, cfg.std, cfg.batch_size, device, seed=seed,
-                           crop_padding=cfg.crop_padding, hflip=cfg.hflip, interpolation=cfg.interpolation,
-                           re_prob=cfg.re_prob, drop_last=cfg.mixes, train_sampler=train_sampler,
-                           val_sampler=val_sampler)
-    return cpu_loaders(splits, cfg.batch_size, cfg.num_workers, seed=seed, pin_memory=device.type == "cuda",
-                       drop_last=cfg.mixes, rank=world.rank, world_size=world.size)
+        samplers = build_samplers(splits, cfg.batch_size, seed, cfg.mixes, world.rank, world.size, cfg.aug_repeats)
+        train, val = gpu_loaders(splits, cfg, img_size, device, seed, *samplers)
+        test = None if splits.test is None else gpu_eval_loader(splits.test, cfg, img_size, device, test_sampler)
+        return train, val, test
+    pin = device.type == "cuda"
+    train, val = cpu_loaders(splits, cfg.batch_size, cfg.num_workers, seed=seed, pin_memory=pin, drop_last=cfg.mixes,
+                             rank=world.rank, world_size=world.size, repeats=cfg.aug_repeats)
+    test = None if splits.test is None else cpu_eval_loader(splits.test, cfg.batch_size, cfg.num_workers, pin,
+                                                            world.rank, world.size)
+    return train, val, test
 
 
 def build_mixup(cfg: DataConfig, num_classes: int, label_smoothing: float = 0.0) -> Mixup | None:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vitrain.data.transforms import check_policy
 from vitrain.errors import ConfigError
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 PIPELINES = ("auto", "gpu", "cpu")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+TRAIN_CROPS = ("pad", "rrc")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -28,14 +30,21 @@ class DataConfig:
     split_seed: int = 0  # seed of the digits train/test split and of train_fraction's choice, whatever the seed
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # per-channel normalization mean
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # per-channel normalization std
-    crop_padding: int = 4  # random crop after zero padding by this many pixels; 0 disables
+    val_fraction: float = 0.0  # hold out this share of the training images (stratified, seeded) for model
+    #   selection; the data set's own eval split then becomes the test set, scored once at the end
+    train_crop: str = "pad"  # pad: resize + random crop of the zero-padded image (CIFAR) | rrc: RandomResizedCrop
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # rrc: range of the crop's share of the area
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # rrc: range of the crop's aspect ratio
+    crop_pct: float = 1.0  # eval: resize to img_size / crop_pct, then center crop img_size (ImageNet: 0.875)
+    crop_padding: int = 4  # pad: random crop after zero padding by this many pixels; 0 disables
     hflip: bool = True  # random horizontal flips
     interpolation: str = "bilinear"  # resize filter: bilinear | bicubic | nearest
-    auto_augment: str | None = None  # timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1 (DeiT); null disables
+    auto_augment: str | None = None  # rand-m9-mstd0.5-inc1 (DeiT) | augmix-m5-w3 | original | v0 | 3a | trivialaugment
     color_jitter: float = 0.0  # brightness/contrast/saturation jitter (timm --color-jitter); off with auto_augment
     re_prob: float = 0.0  # probability of erasing a random rectangle with noise after normalization (DeiT: 0.25)
     classes: list[int] | None = None  # keep only these class indices, relabelled 0..k-1; null keeps all
     train_fraction: float = 1.0  # keep this share of the training images, the same in every class (seeded)
+    aug_repeats: int = 1  # repeated augmentation (DeiT: 3): each image shown this often per epoch, over the ranks
     batch_size: int = 32  # images per step and process
     num_workers: int = 4  # loader processes decoding and augmenting images (cpu pipeline)
     pipeline: str = "auto"  # auto (gpu with CUDA for in-memory data) | gpu: batches augmented on the device | cpu
@@ -59,6 +68,19 @@ class DataConfig:
             raise ConfigError(f"data.train_fraction must be in (0, 1], got {self.train_fraction}")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in [0, 1) (0: no validation split), got {self.val_fraction}")
+        _choice("train_crop", self.train_crop, TRAIN_CROPS)
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ConfigError(f"data.scale must be [min, max] with 0 < min <= max <= 1, got {list(self.scale)}")
+        if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ConfigError(f"data.ratio must be [min, max] with 0 < min <= max, got {list(self.ratio)}")
+        if not 0 < self.crop_pct <= 1:
+            raise ConfigError(f"data.crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.aug_repeats < 1:
+            raise ConfigError(f"data.aug_repeats must be at least 1 (1: off), got {self.aug_repeats}")
+        if self.auto_augment:
+            check_policy(self.auto_augment)
         if not 0 <= self.re_prob <= 1:
             raise ConfigError(f"data.re_prob is a probability: set it in [0, 1] (0 disables), got {self.re_prob}")
         for key in ("color_jitter", "mixup", "cutmix"):

@@ -165,9 +165,13 @@ def keep_classes(dataset: Dataset, classes: Sequence[int]) -> Dataset:
 
 @dataclass
 class DataSplits:
+    """The training set, the validation set (model selection) and, when the validation set is held out
+    of the training images (``data.val_fraction``), the test set, scored once at the end."""
+
     train: Dataset
     val: Dataset
     class_names: list[str]
+    test: Dataset | None = None
 
     @property
     def num_classes(self) -> int:

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Sampler, Subset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from vitrain.data.config import PIPELINES
+from vitrain.data.config import PIPELINES, DataConfig
 from vitrain.data.datasets import ArrayDataset, DataSplits
 from vitrain.data.samplers import EpochSampler
 from vitrain.data.transforms import check_re_prob
@@ -31,9 +31,11 @@ TENSOR_INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "nearest-exact")
 
 class GpuAugment:
     """Batched train/eval transform of uint8 (B, C, H, W) images on their own device -> normalized float32
-    (B, C, img_size, img_size). Train: resize (shorter side) -> random crop of the zero-padded image ->
-    horizontal flip (p=0.5) -> normalize -> random erasing (``re_prob``). Eval: resize -> center crop ->
-    normalize. All randomness comes from the ``generator`` passed to each call."""
+    (B, C, img_size, img_size). Train: ``pad``: resize (shorter side) -> random crop of the zero-padded image,
+    or ``rrc``: a random resized crop (torchvision's area and aspect-ratio draws, one box per image, sampled
+    by ``grid_sample``: no antialiasing when a crop is shrunk) -> horizontal flip (p=0.5) -> normalize ->
+    random erasing (``re_prob``). Eval: resize to ``img_size / crop_pct`` -> center crop -> normalize. All
+    randomness comes from the ``generator`` passed to each call."""
 
     def __init__(
         self,
@@ -45,6 +47,10 @@ class GpuAugment:
         hflip: bool = True,
         interpolation: str = "bilinear",
         re_prob: float = 0.0,
+        train_crop: str = "pad",
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        crop_pct: float = 1.0,
     ) -> None:
         if interpolation not in TENSOR_INTERPOLATIONS:
             raise ConfigError(f"data.interpolation='{interpolation}' does not run on image tensors; "
@@ -55,15 +61,20 @@ class GpuAugment:
         self.img_size, self.train, self.crop_padding, self.hflip = img_size, train, crop_padding, hflip
         self.interpolation, self.re_prob = InterpolationMode(interpolation), re_prob
         self.mean, self.std = tuple(mean), tuple(std)
+        self.train_crop, self.scale, self.ratio, self.crop_pct = train_crop, tuple(scale), tuple(ratio), crop_pct
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         # torchvision's own resize kernel (one interpolate over the batch, rounded back to uint8), so the
         # resized pixels are those of the per-image CPU path
-        images = TF.resize(images, [self.img_size], self.interpolation, antialias=True)
         if not self.train:
-            return self._normalize(TF.center_crop(images, [self.img_size]))
-        images = self._normalize(self._crop_and_flip(images, generator))
+            resized = TF.resize(images, [math.floor(self.img_size / self.crop_pct)], self.interpolation, antialias=True)
+            return self._normalize(TF.center_crop(resized, [self.img_size]))
+        if self.train_crop == "rrc":
+            images = self._normalize(self._resized_crop_and_flip(images, generator))
+        else:
+            images = TF.resize(images, [self.img_size], self.interpolation, antialias=True)
+            images = self._normalize(self._crop_and_flip(images, generator))
         return self._erase(images, generator) if self.re_prob > 0 else images
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -89,6 +100,45 @@ class GpuAugment:
             cols = torch.where(flip, cols.flip(1), cols)
         out = padded.gather(2, rows[:, None, :, None].expand(b, c, s, w + 2 * p))  # (B, C, s, W + 2p)
         return out.gather(3, cols[:, None, None, :].expand(b, c, s, s))  # (B, C, s, s)
+
+    def rrc_boxes(self, b: int, h: int, w: int, generator: torch.Generator | None,
+                  device: torch.device) -> tuple[torch.Tensor, ...]:
+        """torchvision's ``RandomResizedCrop.get_params`` for ``b`` images of h x w at once: up to 10 draws of an
+        area share in ``scale`` and a log-uniform aspect ratio in ``ratio``, the first box that fits, else the
+        centred box of the clamped ratio; returns (top, left, height, width), each (B,) long."""
+        tries, area = 10, h * w
+        share = torch.empty(b, tries, device=device).uniform_(*self.scale, generator=generator)
+        log_ratio = torch.empty(b, tries, device=device).uniform_(*map(math.log, self.ratio), generator=generator)
+        aspect = log_ratio.exp()
+        cw, ch = (share * area * aspect).sqrt().round().long(), (share * area / aspect).sqrt().round().long()
+        fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+        first = fits.int().argmax(1, keepdim=True)
+        in_ratio = w / h  # the fallback: the whole image, cut to the ratio range, centred
+        fw = w if in_ratio <= self.ratio[1] else round(h * self.ratio[1])
+        fh = h if in_ratio >= self.ratio[0] else round(w / self.ratio[0])
+        found = fits.any(1)
+        height = torch.where(found, ch.gather(1, first)[:, 0], fh)
+        width = torch.where(found, cw.gather(1, first)[:, 0], fw)
+        top = torch.where(found, _uniform_int(h - height, generator), (h - height) // 2)
+        left = torch.where(found, _uniform_int(w - width, generator), (w - width) // 2)
+        return top, left, height, width
+
+    def _resized_crop_and_flip(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """A random resized crop (and flip) of every image, resampled to img_size x img_size in one
+        ``grid_sample``: output pixel centres map linearly onto the crop box, read backwards for flips."""
+        b, c, h, w = images.shape
+        top, left, height, width = (v.float() for v in self.rrc_boxes(b, h, w, generator, images.device))
+        sx, sy = width / w, height / h  # the box as an affine map of normalized [-1, 1] coordinates
+        tx, ty = (2 * left + width) / w - 1, (2 * top + height) / h - 1
+        if self.hflip:
+            flip = torch.rand(b, generator=generator, device=images.device) < 0.5
+            sx = torch.where(flip, -sx, sx)
+        zero = torch.zeros_like(sx)
+        theta = torch.stack([torch.stack([sx, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)  # (B, 2, 3)
+        grid = F.affine_grid(theta, [b, c, self.img_size, self.img_size], align_corners=False)
+        mode = {"nearest-exact": "nearest"}.get(self.interpolation.value, self.interpolation.value)
+        out = F.grid_sample(images.float(), grid, mode=mode, padding_mode="border", align_corners=False)
+        return out.round_().clamp_(0, 255).to(torch.uint8)  # uint8 as after torchvision's resize
 
     def _erase(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """timm's ``RandomErasing(re_prob, mode="pixel")`` drawn for the whole batch: with probability
@@ -240,36 +290,33 @@ def _unsupported(auto_augment: str | None, color_jitter: float) -> list[tuple[st
     return asked
 
 
-def gpu_loaders(
-    splits: DataSplits,
-    img_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    device: str | torch.device,
-    seed: int = 0,
-    crop_padding: int = 4,
-    hflip: bool = True,
-    interpolation: str = "bilinear",
-    re_prob: float = 0.0,
-    drop_last: bool = False,
-    train_sampler: Sampler[int] | None = None,
-    val_sampler: Sampler[int] | None = None,
-) -> tuple[DeviceLoader, DeviceLoader]:
+def gpu_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device: str | torch.device, seed: int = 0,
+                train_sampler: Sampler[int] | None = None,
+                val_sampler: Sampler[int] | None = None) -> tuple[DeviceLoader, DeviceLoader]:
     """Train and val :class:`DeviceLoader` of in-memory splits: the train one shuffled by ``train_sampler``
-    (default an :class:`~vitrain.data.EpochSampler` of ``seed``) and augmented, the val one in order (or
-    ``val_sampler``) with the eval transform."""
-    arrays = {}
-    for split in ("train", "val"):
-        arrays[split] = in_memory_arrays(getattr(splits, split))
-        if arrays[split] is None:
-            raise ConfigError(f"data.pipeline=gpu needs an in-memory data set ({IN_MEMORY}); the {split} split "
-                              f"reads files: use data.pipeline=cpu")
-    train_images, train_labels = arrays["train"]
-    train_augment = GpuAugment(img_size, mean, std, True, crop_padding, hflip, interpolation, re_prob)
+    (default an :class:`~vitrain.data.EpochSampler` of ``seed``) and augmented as ``cfg`` says (dropping a
+    short last batch under mixup), the val one in order (or ``val_sampler``) with the eval transform."""
+    train_images, train_labels = _arrays(splits.train, "train")
+    train_augment = GpuAugment(img_size, cfg.mean, cfg.std, True, cfg.crop_padding, cfg.hflip, cfg.interpolation,
+                               cfg.re_prob, cfg.train_crop, cfg.scale, cfg.ratio)
     if train_sampler is None:
         train_sampler = EpochSampler(len(train_labels), seed)
-    train = DeviceLoader(train_images, train_labels, batch_size, train_augment, train_sampler, drop_last, device, seed)
-    val_augment = GpuAugment(img_size, mean, std, False, interpolation=interpolation)
-    val = DeviceLoader(*arrays["val"], batch_size, val_augment, val_sampler, False, device, seed)
-    return train, val
+    train = DeviceLoader(train_images, train_labels, cfg.batch_size, train_augment, train_sampler, cfg.mixes, device,
+                         seed)
+    return train, gpu_eval_loader(splits.val, cfg, img_size, device, val_sampler)
+
+
+def gpu_eval_loader(dataset: Dataset, cfg: DataConfig, img_size: int, device: str | torch.device,
+                    sampler: Sampler[int] | None = None) -> DeviceLoader:
+    """An in-memory evaluation set (validation or test) on the device, in order (or ``sampler``'s), with the
+    eval transform (resize to img_size / crop_pct, center crop, normalize)."""
+    augment = GpuAugment(img_size, cfg.mean, cfg.std, False, interpolation=cfg.interpolation, crop_pct=cfg.crop_pct)
+    return DeviceLoader(*_arrays(dataset, "val"), cfg.batch_size, augment, sampler, False, device)
+
+
+def _arrays(dataset: Dataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    arrays = in_memory_arrays(dataset)
+    if arrays is None:
+        raise ConfigError(f"data.pipeline=gpu needs an in-memory data set ({IN_MEMORY}); the {split} split "
+                          f"reads files: use data.pipeline=cpu")
+    return arrays

@@ -15,10 +15,17 @@ from vitrain.errors import ConfigError
 
 class EpochSampler(Sampler[int]):
     """A shuffled order that depends only on (seed, epoch), and can start part-way through an epoch:
-    a resumed run sees the same remaining batches, in the same order, as a run that never stopped."""
+    a resumed run sees the same remaining batches, in the same order, as a run that never stopped.
 
-    def __init__(self, size: int, seed: int = 0) -> None:
-        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
+    With ``repeats`` = k > 1 (repeated augmentation, DeiT's RASampler and timm's ``--aug-repeats``) the
+    order is a shuffle of the images with each one repeated k times in a row, cut to ``size``: an epoch keeps
+    its length and shows size / k images k times each, with their own augmentations. Dealt out to ranks
+    (:class:`ShardedEpochSampler`), the k copies of an image go to k different ranks, as in DeiT."""
+
+    def __init__(self, size: int, seed: int = 0, repeats: int = 1) -> None:
+        if repeats < 1:
+            raise ConfigError(f"data.aug_repeats must be at least 1, got {repeats}")
+        self.size, self.seed, self.repeats, self.epoch, self.start = size, seed, repeats, 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Order of ``epoch``, skipping its first ``start`` indices."""
@@ -26,7 +33,8 @@ class EpochSampler(Sampler[int]):
 
     def order(self) -> torch.Tensor:
         """The whole shuffled order of the current epoch."""
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        return order if self.repeats == 1 else order.repeat_interleave(self.repeats)[: self.size]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order()[self.start :].tolist())
@@ -48,10 +56,10 @@ class ShardedEpochSampler(EpochSampler):
     """
 
     def __init__(self, size: int, seed: int, rank: int, world_size: int, batch_size: int,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, repeats: int = 1) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not one of the {world_size} ranks")
-        super().__init__(size, seed)
+        super().__init__(size, seed, repeats)
         self.rank, self.world_size = rank, world_size
         tail = size % (batch_size * world_size)  # images of the last, short, step
         self.used = size - tail if drop_last or tail < world_size else size
@@ -79,12 +87,17 @@ class ShardSampler(Sampler[int]):
 
 
 def build_samplers(splits: DataSplits, batch_size: int, seed: int = 0, drop_last: bool = False, rank: int = 0,
-                   world_size: int = 1) -> tuple[EpochSampler, Sampler[int] | None]:
+                   world_size: int = 1, repeats: int = 1) -> tuple[EpochSampler, Sampler[int] | None]:
     """Train and val samplers: the shuffled :class:`EpochSampler` and None (in order) in one process; under
     torchrun, this rank's shares of the same orders (``batch_size`` is per rank)."""
     if batch_size <= 0:
         raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
     if world_size == 1:
-        return EpochSampler(len(splits.train), seed), None
-    return (ShardedEpochSampler(len(splits.train), seed, rank, world_size, batch_size, drop_last),
-            ShardSampler(len(splits.val), rank, world_size))
+        return EpochSampler(len(splits.train), seed, repeats), None
+    return (ShardedEpochSampler(len(splits.train), seed, rank, world_size, batch_size, drop_last, repeats),
+            eval_sampler(len(splits.val), rank, world_size))
+
+
+def eval_sampler(size: int, rank: int = 0, world_size: int = 1) -> Sampler[int] | None:
+    """An evaluation set in order (None) in one process; this rank's share of it under torchrun."""
+    return None if world_size == 1 else ShardSampler(size, rank, world_size)

@@ -7,10 +7,11 @@ float + normalize -> random erasing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
-from timm.data.auto_augment import rand_augment_transform
+from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import str_to_pil_interp
 from torchvision.transforms import InterpolationMode, v2
@@ -36,24 +37,32 @@ def build_transforms(
     auto_augment: str | None = None,
     color_jitter: float = 0.0,
     re_prob: float = 0.0,
+    train_crop: str = "pad",
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    crop_pct: float = 1.0,
 ) -> v2.Compose:
-    """Train: resize, random crop with padding, optional horizontal flip, then RandAugment (``auto_augment``)
-    or colour jitter, normalize, random erasing (``re_prob``). Eval: resize, center crop, normalize.
+    """Train: ``train_crop`` ``pad`` (resize, random crop of the zero-padded image: the CIFAR recipe) or
+    ``rrc`` (RandomResizedCrop over ``scale`` x ``ratio``: the ImageNet recipe), optional horizontal flip,
+    then an augmentation policy (``auto_augment``) and/or colour jitter, normalize, random erasing (``re_prob``).
+    Eval, as timm's ``create_transform``: resize the shorter side to ``floor(img_size / crop_pct)``, center
+    crop ``img_size``, normalize. The geometric steps run on what comes in (PIL images from folders, uint8
+    tensors from in-memory sets), so a PIL image is resized by PIL, as in timm.
 
-    As in timm, colour jitter is off when RandAugment is on: the policy already changes colours."""
+    As in timm, colour jitter is off under a policy, except DeiT III's ``3a``, which pairs with it."""
     if color_jitter < 0:
         raise ConfigError(f"data.color_jitter must be >= 0 (0 disables), got {color_jitter}")
     check_re_prob(re_prob)
     mode = InterpolationMode(interpolation)
-    ops: list[Callable] = [v2.ToImage(), v2.Resize(img_size, interpolation=mode, antialias=True)]
     if not train:
-        return v2.Compose([*ops, v2.CenterCrop(img_size), *_to_normalized(mean, std)])
-    ops.append(v2.RandomCrop(img_size, padding=crop_padding or None))
-    if hflip:
-        ops.append(v2.RandomHorizontalFlip())
+        resize = math.floor(img_size / crop_pct)
+        return v2.Compose([v2.Resize(resize, interpolation=mode, antialias=True), v2.CenterCrop(img_size),
+                           v2.ToImage(), *_to_normalized(mean, std)])
+    ops = [*_train_crop(img_size, mode, train_crop, crop_padding, scale, ratio),
+           *([v2.RandomHorizontalFlip()] if hflip else []), v2.ToImage()]
     if auto_augment:
-        ops += _rand_augment(auto_augment, img_size, mean, interpolation)
-    elif color_jitter > 0:  # timm's scalar --color-jitter: brightness, contrast, saturation, no hue
+        ops += augmentation_policy(auto_augment, img_size, mean, interpolation)
+    if color_jitter > 0 and (not auto_augment or "3a" in auto_augment):  # timm --color-jitter: no hue
         ops.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
     ops += _to_normalized(mean, std)
     if re_prob > 0:
@@ -63,24 +72,63 @@ def build_transforms(
     return v2.Compose(ops)
 
 
+def _train_crop(img_size: int, mode: InterpolationMode, train_crop: str, crop_padding: int, scale: Sequence[float],
+                ratio: Sequence[float]) -> list[Callable]:
+    """``rrc``: RandomResizedCrop; ``pad``: resize, then a random crop of the zero-padded image."""
+    if train_crop == "rrc":
+        return [v2.RandomResizedCrop(img_size, scale=tuple(scale), ratio=tuple(ratio), interpolation=mode,
+                                     antialias=True)]
+    return [v2.Resize(img_size, interpolation=mode, antialias=True),
+            v2.RandomCrop(img_size, padding=crop_padding or None)]
+
+
 def _to_normalized(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
-def _rand_augment(policy: str, img_size: int, mean: Sequence[float], interpolation: str) -> list[Callable]:
-    """timm's RandAugment for ``policy`` (e.g. ``rand-m9-mstd0.5-inc1``) with the hparams timm's
-    create_transform gives it; it works on PIL images, so the image goes to PIL and back (lossless, uint8)."""
-    if not policy.startswith("rand"):
-        raise ConfigError(f"data.auto_augment='{policy}' is not a RandAugment policy; use e.g. rand-m9-mstd0.5-inc1")
+AUTO_AUGMENT = ("original", "originalr", "v0", "v0r", "3a")  # timm's AutoAugment policies (3a: DeiT III)
+TRIVIAL_AUGMENT = ("trivialaugment", "ta_wide")
+POLICY_FAMILIES = ("rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w3 (AugMix), original, originalr, v0, v0r "
+                   "(AutoAugment), 3a (DeiT III's 3-Augment), trivialaugment (TrivialAugment Wide)")
+
+
+def check_policy(policy: str) -> None:
+    """``data.auto_augment`` names a family timm or torchvision builds, or a one-line ConfigError listing them."""
+    if not (policy.startswith(("rand", "augmix")) or policy in AUTO_AUGMENT or policy in TRIVIAL_AUGMENT):
+        raise ConfigError(f"data.auto_augment='{policy}' is not an augmentation policy; use one of {POLICY_FAMILIES}")
+
+
+def augmentation_policy(policy: str, img_size: int, mean: Sequence[float], interpolation: str) -> list[Callable]:
+    """The policy ``policy`` names, built by timm (RandAugment ``rand-...``, AugMix ``augmix-...``,
+    AutoAugment ``original``/``v0``/..., DeiT III's ``3a``) with the hparams timm's create_transform gives
+    it, or by torchvision (``trivialaugment``). timm's policies work on PIL images: the image goes to PIL
+    and back (lossless, uint8)."""
+    check_policy(policy)
+    if policy in TRIVIAL_AUGMENT:
+        return [v2.TrivialAugmentWide(interpolation=InterpolationMode(interpolation))]
     hparams = dict(
         translate_const=int(img_size * 0.45),
         img_mean=tuple(min(255, round(255 * m)) for m in mean),  # fill colour of rotations and shears
         interpolation=str_to_pil_interp(interpolation),
     )
     try:
-        augment = rand_augment_transform(policy, hparams)
-    except (AssertionError, KeyError, ValueError) as e:
-        raise ConfigError(
-            f"data.auto_augment='{policy}' is not a valid timm RandAugment policy; use e.g. rand-m9-mstd0.5-inc1"
-        ) from e
+        if policy.startswith("rand"):
+            augment = rand_augment_transform(policy, hparams)
+        elif policy.startswith("augmix"):
+            augment = augment_and_mix_transform(policy, {**hparams, "translate_pct": 0.3})
+        else:
+            augment = auto_augment_transform(policy, hparams)
+    except (AssertionError, KeyError, ValueError, IndexError) as e:
+        raise ConfigError(f"data.auto_augment='{policy}' is not a valid timm policy string; use e.g. "
+                          f"{POLICY_FAMILIES}") from e
+    _posterize_to_at_least_one_bit(augment)
     return [v2.ToPILImage(), augment, v2.ToImage()]
+
+
+def _posterize_to_at_least_one_bit(augment: Callable) -> None:
+    """timm's low Posterize levels keep 0 bits, which Pillow >= 10 refuses (``bits must be between 1 and
+    8``) at random, mid-epoch; keep at least 1 (an image of 1 bit per channel, as near to 0 as Pillow goes)."""
+    policy = getattr(augment, "policy", None) or [getattr(augment, "ops", [])]  # AutoAugment | RandAugment, AugMix
+    for op in (op for sub in policy for op in sub):
+        if op.name.startswith("Posterize"):
+            op.aug_fn = lambda img, bits, _fn=op.aug_fn, **kw: _fn(img, max(1, int(bits)), **kw)

@@ -6,12 +6,33 @@ Each key has its type and default here; a YAML file holds only its choices. Keys
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from vitrain.errors import ConfigError
 
 SOURCES = ("vitrain", "timm", "torchvision")
+
+
+@dataclass
+class LoraSpec:
+    """The ``model.lora`` keys: LoRA adapters (Hugging Face peft) on the attention and MLP linears; only the
+    adapters and the classifier head(s) train (:mod:`vitrain.lora`)."""
+
+    rank: int = 0  # rank r of each adapter; 0: no LoRA (every weight trains)
+    alpha: float = 16  # the adapters' update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input, in [0, 1)
+    targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])  # Linear name suffixes
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"model.lora.rank must be >= 0 (0: no LoRA), got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"model.lora.alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.lora.dropout is a rate: set it in [0, 1), got {self.dropout}")
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ConfigError(f"model.lora.targets must list module name suffixes such as qkv, got {self.targets}")
 
 
 @dataclass
@@ -28,6 +49,7 @@ class ModelConfig:
     drop_rate: float = 0.0  # dropout rate
     window_size: int | None = None  # Swin: attention window in patches; null: the model's own
     grad_checkpointing: bool = False  # recompute block activations in the backward pass: less memory, ~30% more compute
+    lora: LoraSpec = field(default_factory=LoraSpec)  # LoRA adapters (rank > 0): rank, alpha, dropout, targets
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:

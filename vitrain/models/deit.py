@@ -97,6 +97,11 @@ def deit_base_patch16_224(**kwargs: Any) -> VisionTransformer:
 
 
 @register_model
+def deit_base_patch16_384(**kwargs: Any) -> VisionTransformer:
+    return _plain({**_BASE, "img_size": 384}, **kwargs)
+
+
+@register_model
 def deit_tiny_distilled_patch16_224(**kwargs: Any) -> DistilledVisionTransformer:
     return _distilled(_TINY, **kwargs)
 

@@ -144,6 +144,37 @@ def vit_huge_patch14_224(**kwargs: Any) -> VisionTransformer:
     return _create(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16), **kwargs)
 
 
+# The same sizes at 384x384, timm's names (the resolution of the papers' fine-tuned weights).
+@register_model
+def vit_tiny_patch16_384(**kwargs: Any) -> VisionTransformer:
+    return _create(dict(img_size=384, patch_size=16, embed_dim=192, depth=12, num_heads=3), **kwargs)
+
+
+@register_model
+def vit_small_patch16_384(**kwargs: Any) -> VisionTransformer:
+    return _create(dict(img_size=384, patch_size=16, embed_dim=384, depth=12, num_heads=6), **kwargs)
+
+
+@register_model
+def vit_base_patch16_384(**kwargs: Any) -> VisionTransformer:
+    return _create(dict(img_size=384, patch_size=16, embed_dim=768, depth=12, num_heads=12), **kwargs)
+
+
+@register_model
+def vit_base_patch32_384(**kwargs: Any) -> VisionTransformer:
+    return _create(dict(img_size=384, patch_size=32, embed_dim=768, depth=12, num_heads=12), **kwargs)
+
+
+@register_model
+def vit_large_patch16_384(**kwargs: Any) -> VisionTransformer:
+    return _create(dict(img_size=384, patch_size=16, embed_dim=1024, depth=24, num_heads=16), **kwargs)
+
+
+@register_model
+def vit_large_patch32_384(**kwargs: Any) -> VisionTransformer:
+    return _create(dict(img_size=384, patch_size=32, embed_dim=1024, depth=24, num_heads=16), **kwargs)
+
+
 # Small-image variants for training from scratch on 32x32 data (CIFAR) and tiny data (digits).
 @register_model
 def vit_tiny_patch4_32(**kwargs: Any) -> VisionTransformer:
