@@ -306,3 +306,15 @@ def test_train_fraction_keeps_a_stratified_share() -> None:
     assert part.train.indices == again.train.indices  # the same images every time
     with pytest.raises(ConfigError, match="data.train_fraction must be in"):
         build_datasets(DataConfig("digits", mean=MEAN, std=STD, train_fraction=0.0), 16)
+
+
+def test_a_pass_over_an_evaluation_set_leaves_the_global_rng_alone() -> None:
+    """Validation runs between training epochs: it must not shift the random draws of training that follow
+    (drop path, crops), or a run would depend on how often it validates."""
+    from vitrain.data import cpu_eval_loader
+
+    splits = build_datasets(DataConfig("digits", mean=MEAN, std=STD), 16)
+    for loader in (cpu_loaders(splits, 64)[1], cpu_eval_loader(splits.val, 64)):
+        before = torch.get_rng_state()
+        assert sum(len(y) for _, y in loader) == 360
+        assert torch.equal(torch.get_rng_state(), before)

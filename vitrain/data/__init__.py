@@ -29,7 +29,8 @@ from vitrain.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 __all__ = ["DATASETS", "DataConfig", "DataSplits", "EpochSampler", "ShardSampler", "ShardedEpochSampler",
-           "build_datasets", "build_loaders", "build_mixup", "build_samplers", "cpu_loaders", "gpu_loaders"]
+           "build_datasets", "build_loaders", "build_mixup", "build_samplers", "cpu_eval_loader", "cpu_loaders",
+           "gpu_eval_loader", "gpu_loaders"]
 
 
 
@@ -137,14 +138,17 @@ def cpu_loaders(
     train_sampler, _ = build_samplers(splits, batch_size, seed, drop_last, rank, world_size, repeats)
     train = DataLoader(splits.train, sampler=train_sampler, generator=torch.Generator().manual_seed(seed + rank),
                        drop_last=drop_last, **common)
-    return train, cpu_eval_loader(splits.val, batch_size, num_workers, pin_memory, rank, world_size)
+    return train, cpu_eval_loader(splits.val, batch_size, num_workers, pin_memory, rank, world_size, seed)
 
 
 def cpu_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
-                    rank: int = 0, world_size: int = 1) -> DataLoader:
-    """An evaluation set (validation or test) in order, or this rank's share of it under torchrun."""
+                    rank: int = 0, world_size: int = 1, seed: int = 0) -> DataLoader:
+    """An evaluation set (validation or test) in order, or this rank's share of it under torchrun. It has its
+    own generator: without one, every pass would draw its workers' base seed from the global RNG, and shift
+    the random draws of training (drop path, augmentation) that follow."""
     return DataLoader(dataset, batch_size=batch_size, sampler=eval_sampler(len(dataset), rank, world_size),
-                      shuffle=False, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
+                      shuffle=False, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def build_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device: torch.device, seed: int,
@@ -166,7 +170,7 @@ def build_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device: to
     train, val = cpu_loaders(splits, cfg.batch_size, cfg.num_workers, seed=seed, pin_memory=pin, drop_last=cfg.mixes,
                              rank=world.rank, world_size=world.size, repeats=cfg.aug_repeats)
     test = None if splits.test is None else cpu_eval_loader(splits.test, cfg.batch_size, cfg.num_workers, pin,
-                                                            world.rank, world.size)
+                                                            world.rank, world.size, seed)
     return train, val, test
 
 
