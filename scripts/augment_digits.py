@@ -2,7 +2,7 @@
 (ViT-Nano, 50 epochs, from scratch) with the padded crop (the default), RandomResizedCrop (scale 0.35-1),
 and RandomResizedCrop + TrivialAugment, 3 seeds each, every run a fresh `python -m vitrain.train` process.
 
-    python scripts/augment_digits.py --seeds 0 1 2        # prints a Markdown table, writes augment_digits.json
+    python scripts/augment_digits.py --seeds 0 1 2        # prints a Markdown table; runs in outputs/augment_digits/
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     rows = [run(arm, seed, args.out, args.overrides) for arm in ARMS for seed in args.seeds]
-    Path("augment_digits.json").write_text(json.dumps(rows, indent=2))
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     extra = " ".join(args.overrides)
     print(f"\n{os.cpu_count()} CPU cores; seeds {args.seeds}; python -m vitrain.train seed=S <arm> {extra}")
     print("| training crop | final test top-1 (%) | best epoch (%) | train img/s | wall time (s) |")
