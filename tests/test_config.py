@@ -161,3 +161,18 @@ def test_lr_scales_with_the_batch_when_asked() -> None:
     optimizer, _ = optimizer_and_schedule(model, to_config(cfg).optimizer, to_config(cfg).scheduler, 128 * 2,
                                           steps_per_epoch=10, epochs=2)
     assert [g["initial_lr"] for g in optimizer.param_groups] == pytest.approx([5e-4 * 256 / 512] * 4)
+
+
+def test_a_saved_run_config_converts_to_the_schema(tmp_path) -> None:
+    """A run's .hydra/config.yaml, read back without Hydra (untyped), becomes the same checked objects."""
+    from omegaconf import OmegaConf
+
+    from vitrain.config import TrainConfig
+
+    composed = compose(["data=cifar10", "optimizer.lr=5e-4", "+model.depth=2"])
+    OmegaConf.save(composed, tmp_path / "config.yaml")
+    loaded = OmegaConf.load(tmp_path / "config.yaml")
+    assert OmegaConf.get_type(loaded) is not TrainConfig
+    cfg = to_config(loaded)
+    assert isinstance(cfg, TrainConfig) and cfg == to_config(composed)
+    assert cfg.model.constructor_kwargs()["depth"] == 2

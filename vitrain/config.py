@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
-from omegaconf import MISSING, DictConfig, OmegaConf, read_write
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from vitrain.cli import fail
@@ -123,7 +123,9 @@ def to_config(cfg: DictConfig | T, schema: type[T] = TrainConfig) -> T:
         return cfg
     if OmegaConf.get_type(cfg) is not schema:  # composed without the schema as its base (an older config)
         node = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
-        cfg = OmegaConf.merge(OmegaConf.structured(schema), node)
+        base = OmegaConf.structured(schema)
+        _add_extra_keys(base, node)  # keys added from the shell (+model.depth=2) stay, as in a composed config
+        cfg = OmegaConf.merge(base, node)
     try:
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:  # ${required:...}: the resolver's own one-line error, if that is the cause
@@ -133,6 +135,16 @@ def to_config(cfg: DictConfig | T, schema: type[T] = TrainConfig) -> T:
         if cause is None:
             raise
         raise cause from None
+
+
+def _add_extra_keys(base: DictConfig, node: DictConfig) -> None:
+    """Give the typed ``base`` the keys of ``node`` its schema lacks (a merge alone refuses them)."""
+    for key, value in node.items():
+        if key not in base:
+            with open_dict(base):
+                base[key] = value
+        elif isinstance(value, DictConfig) and isinstance(base[key], DictConfig):
+            _add_extra_keys(base[key], value)
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:

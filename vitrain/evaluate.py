@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from vitrain.cli import run_command
 from vitrain.config import CONFIG_DIR, EvaluateConfig, to_config
-from vitrain.data import build_datasets, cpu_loaders
+from vitrain.data import build_datasets, cpu_eval_loader
 from vitrain.data.config import DataConfig
 from vitrain.errors import ConfigError
 from vitrain.inference import load_trained
@@ -44,7 +44,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig | None = None, 
     if splits.class_names != trained.class_names:
         raise ConfigError(f"the data's classes {splits.class_names[:5]}... differ from the checkpoint's "
                           f"{trained.class_names[:5]}...; evaluate on data with the same classes")
-    loader = cpu_loaders(splits, batch_size, data.num_workers)[1]
+    loader = cpu_eval_loader(splits.val, batch_size, data.num_workers)
     result: dict[str, Any] = {"checkpoint": str(checkpoint), "data": data.name, "class_names": splits.class_names,
                               "model": score(trained.model, loader, trained.device)}
     if trained.ema is not None:
