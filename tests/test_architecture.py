@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "vitrain"
-ENTRY_POINTS = {"vitrain.train", "vitrain.evaluate", "vitrain.predict", "vitrain.visualize"}
+ENTRY_POINTS = {"vitrain.train", "vitrain.evaluate", "vitrain.predict", "vitrain.visualize", "vitrain.export"}
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 50
 LONG_FUNCTIONS: dict[str, str] = {}  # "module.function": why it is longer than MAX_FUNCTION_LINES
@@ -88,6 +88,7 @@ def test_entry_points_are_thin_leaves() -> None:
     ("vitrain.trainer", ("vitrain.config", "vitrain.build", "vitrain.inference", "hydra", "omegaconf")),
     ("vitrain.checkpoint", ("vitrain.config", "vitrain.models", "hydra", "omegaconf")),
     ("vitrain.inference", ("vitrain.config", "vitrain.build", "hydra", "omegaconf")),
+    ("vitrain.exporting", ("vitrain.config", "vitrain.build", "hydra", "omegaconf")),
 ])
 def test_lower_layers_never_reach_up(lower: str, upper: tuple[str, ...]) -> None:
     """Models do not know the optimizer, the Trainer and checkpoints do not know Hydra, and so on."""

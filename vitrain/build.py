@@ -22,6 +22,7 @@ from vitrain.data import DataSplits, build_datasets, build_loaders, build_mixup
 from vitrain.distill import TeacherInputs, build_criterion, build_teacher
 from vitrain.distributed import World, rank0_first
 from vitrain.errors import ConfigError
+from vitrain.loggers import Logger, LoggerConfig, MLflowLogger, MultiLogger, TensorBoardLogger, WandbLogger
 from vitrain.models import create_model
 from vitrain.models.config import ModelConfig
 from vitrain.optim import optimizer_and_schedule
@@ -71,7 +72,9 @@ def build_loss(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.M
 def build_trainer(cfg: TrainConfig, run_dir: str | Path, world: World, device: torch.device) -> tuple[Trainer,
                                                                                                         DataSplits]:
     """Everything a training run needs, in the order that fixes the random draws (data split, loaders,
-    model initialisation, teacher): the :class:`Trainer` and the data splits it trains on."""
+    model initialisation, teacher): the :class:`Trainer` and the data splits it trains on. The loggers come
+    first: an MLflow server that cannot be reached stops the run before any data is read."""
+    logger = build_logger(cfg.logger, Path(run_dir), world)
     splits = rank0_first(lambda: build_datasets(cfg.data, cfg.model.img_size))  # a download once, not per process
     train_loader, val_loader, test_loader = build_loaders(splits, cfg.data, cfg.model.img_size, device, cfg.seed,
                                                           world)
@@ -94,7 +97,23 @@ def build_trainer(cfg: TrainConfig, run_dir: str | Path, world: World, device: t
     loaders = Loaders(train_loader, val_loader, mixup, test_loader)
     trainer_cfg = dataclasses.replace(cfg.trainer, device=str(device))  # this rank's device under torchrun
     metadata = checkpoint_metadata(cfg, splits.class_names, global_batch, world.size)
-    return Trainer(model, optimizer, scheduler, criterion, loaders, trainer_cfg, run_dir, metadata), splits
+    return Trainer(model, optimizer, scheduler, criterion, loaders, trainer_cfg, run_dir, metadata, logger), splits
+
+
+def build_logger(cfg: LoggerConfig, run_dir: Path, world: World) -> Logger:
+    """The loggers of the ``logger`` group, on rank 0 (the other ranks log nothing), each ready: an MLflow
+    tracking server is probed now, and a missing package is named."""
+    if not world.is_main:
+        return Logger()
+    loggers: list[Logger] = []
+    if cfg.tensorboard.enabled:
+        loggers.append(TensorBoardLogger(run_dir / "tb"))
+    if cfg.mlflow.enabled:
+        loggers.append(MLflowLogger(cfg.mlflow, run_dir))
+    if cfg.wandb.enabled:
+        loggers.append(WandbLogger(cfg.wandb, run_dir))
+    log.info("logging to %s", ", ".join(cfg.backends) or "no logger (logger=[])")
+    return loggers[0] if len(loggers) == 1 else MultiLogger(loggers)
 
 
 def checkpoint_metadata(cfg: TrainConfig, class_names: list[str], global_batch: int,

@@ -9,9 +9,10 @@ number (143, 130), as a shell reports a process stopped by that signal.
 from __future__ import annotations
 
 import os
+import re
 import sys
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from omegaconf.errors import MissingMandatoryValue
 
@@ -50,3 +51,29 @@ def fail(message: str, rank: int | None = None) -> None:
     rank = torchrun_world().rank if rank is None else rank
     print(f"{f'[rank {rank}] ' if rank else ''}error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+def check_group_choice(args: Sequence[str], group: str, options: Sequence[str]) -> None:
+    """Before Hydra composes: an option of the config group ``group`` that ``args`` (the command line) choose but
+    ``options`` lack ends the command in one line listing the options (Hydra's own error spans many lines).
+    ``group=a``, ``group=[a,b]`` and sweeps (``group=a,b``) are read by Hydra's override parser."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    given = [a for a in args if re.match(rf"[~+]*{re.escape(group)}(@\S*)?=", a)]
+    try:
+        overrides = OverridesParser.create().parse_overrides(given)
+    except Exception:  # malformed: Hydra says so itself
+        return
+    for override in overrides:
+        for name in _option_names(override.value()):
+            if name not in options:
+                fail(f"unknown {group} '{name}'; choose from {', '.join(options)}, or several at once: "
+                     f"{group}=[{','.join(options[:2])}]")
+
+
+def _option_names(value: Any) -> list[str]:
+    """The option names in an override's value: a name, a list of them, or a sweep (its ``list``) of either."""
+    if isinstance(value, str):
+        return [value]
+    items = getattr(value, "list", value)
+    return [name for item in items for name in _option_names(item)] if isinstance(items, list) else []

@@ -27,6 +27,8 @@ from vitrain.data.config import DataConfig
 from vitrain.distill import DistillConfig
 from vitrain.distributed import broadcast_object, init_distributed, torchrun_world
 from vitrain.errors import ConfigError, VitrainError
+from vitrain.exporting import FORMATS, WEIGHTS
+from vitrain.loggers import LoggerConfig
 from vitrain.losses import LossConfig
 from vitrain.models.config import ModelConfig
 from vitrain.optim import OptimizerConfig, SchedulerConfig
@@ -50,6 +52,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0  # seeds Python, NumPy and torch, and fixes the order of the training batches
 
     def __post_init__(self) -> None:
@@ -73,7 +76,7 @@ class EvaluateConfig:
 class PredictConfig:
     """``python -m vitrain.predict``."""
 
-    checkpoint: str = MISSING  # a vitrain training checkpoint: <run>/checkpoints/best.pt
+    checkpoint: str = MISSING  # a vitrain training checkpoint (<run>/checkpoints/best.pt), or an exported .onnx
     inputs: str = MISSING  # an image file, or a folder searched for images
     topk: int = 5  # how many classes to list per image
     ema: bool = False  # use the checkpoint's EMA weights (when it has them)
@@ -95,11 +98,33 @@ class VisualizeConfig:
     dpi: int = 150  # resolution of the PNG files
 
 
+@dataclass
+class ExportConfig:
+    """``python -m vitrain.export``."""
+
+    checkpoint: str = MISSING  # a vitrain training checkpoint: <run>/checkpoints/best.pt or last.pt
+    format: str = "onnx"  # onnx | torch.export | timm (a timm hub folder) | safetensors (the weights alone)
+    output: str | None = None  # the file (timm: folder) to write; null: beside the checkpoint, named after it
+    weights: str = "auto"  # auto (the EMA weights when the checkpoint has them) | ema | raw
+    opset: int = 18  # the ONNX opset (format=onnx)
+    atol: float = 1e-4  # the largest |exported - PyTorch| logit that the check after the export accepts
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"unknown format '{self.format}' (format); choose one of {', '.join(FORMATS)}")
+        if self.weights not in WEIGHTS:
+            raise ConfigError(f"weights={self.weights}: choose one of {', '.join(WEIGHTS)}")
+        if self.opset < 14:  # scaled_dot_product_attention needs 14
+            raise ConfigError(f"opset must be >= 14, got {self.opset}")
+        if not self.atol > 0:
+            raise ConfigError(f"atol must be positive, got {self.atol}")
+
+
 def register_schemas() -> None:
     """Register the entry points' schemas with Hydra's ConfigStore (``<entry>_schema``), the base of their YAML."""
     store = ConfigStore.instance()
     for name, node in (("train", TrainConfig), ("evaluate", EvaluateConfig), ("predict", PredictConfig),
-                       ("visualize", VisualizeConfig)):
+                       ("visualize", VisualizeConfig), ("export", ExportConfig)):
         store.store(name=f"{name}_schema", node=node)
 
 

@@ -214,10 +214,3 @@ def last_batch_weight(batch: int, device: torch.device) -> torch.Tensor | float:
         return 1.0
     total = all_reduce_sum(torch.tensor(float(batch), device=device))
     return batch * world_size() / total
-
-
-class NullWriter:
-    """Stands in for TensorBoard's ``SummaryWriter`` on ranks other than 0: every call does nothing."""
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        return lambda *args, **kwargs: None

@@ -5,8 +5,10 @@ Anything raised as :class:`VitrainError` is shown by the command-line entry poin
 :class:`Preempted` is not an error: a run stopped by a signal, with its checkpoint written.
 """
 
+import importlib
 import signal
 from pathlib import Path
+from types import ModuleType
 
 
 class VitrainError(Exception):
@@ -41,3 +43,11 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     if "Traceback" in text:
         text = text.splitlines()[-1].split(": ", 1)[-1]
     return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
+def import_extra(module: str, purpose: str, extra: str) -> ModuleType:
+    """The optional package ``module``, or a one-line error: ``purpose`` needs it, and the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise VitrainError(f'{purpose} needs {module}: pip install "vitrain[{extra}]" (or pip install {module})') from e

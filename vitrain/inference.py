@@ -1,12 +1,14 @@
-"""A trained vitrain checkpoint as plain Python objects, for evaluate, predict and visualize.
+"""A trained vitrain checkpoint as plain Python objects, for evaluate, predict, visualize and export.
 
 The model is rebuilt from the checkpoint's ``model_spec`` and the evaluation transform from its
 ``preprocess`` (see :mod:`vitrain.checkpoint`), so loading depends neither on Hydra nor on the YAML
-layout; checkpoints written by vitrain 0.1.0 load too.
+layout; checkpoints written by vitrain 0.1.0 load too. An ONNX file written by ``python -m vitrain.export``
+loads as well (:func:`load_onnx`): onnxruntime runs it, and its metadata gives the transform and the classes.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from vitrain.checkpoint import load_training_checkpoint
 from vitrain.data.config import DataConfig
 from vitrain.data.transforms import build_transforms
 from vitrain.distributed import resolve_device
+from vitrain.errors import VitrainError, first_line, import_extra
 from vitrain.models import create_model
 
 
@@ -89,3 +92,42 @@ def _data_config(saved: dict[str, Any] | None) -> DataConfig | None:
         return None
     known = DataConfig.__dataclass_fields__
     return DataConfig(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in saved.items() if k in known})
+
+
+class OnnxClassifier(nn.Module):
+    """An ONNX file run by onnxruntime, called as the PyTorch model it was exported from: (B, C, H, W) -> logits."""
+
+    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        super().__init__()
+        ort = import_extra("onnxruntime", "running an ONNX model", "export")
+        cuda = device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers()
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+        if not Path(path).is_file():
+            raise VitrainError(f"{path} does not exist; check the path")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as e:  # onnxruntime's own errors, for a file that is not ONNX
+            raise VitrainError(f"cannot load {path} as an ONNX model: {first_line(e)}") from e
+        self.input_name = self.session.get_inputs()[0].name
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0]
+        return torch.from_numpy(logits).to(x.device)
+
+
+def load_onnx(path: str | Path, device: str = "auto") -> TrainedModel:
+    """An ONNX file from ``python -m vitrain.export format=onnx`` as a :class:`TrainedModel` (no EMA twin: the
+    file holds the weights chosen at export), its transform and class names from the file's metadata."""
+    model = OnnxClassifier(path, device)
+    missing = [k for k in ("model_spec", "preprocess", "class_names") if k not in model.metadata]
+    if missing:
+        raise VitrainError(f"{path} lacks vitrain's metadata ({', '.join(missing)}); export it with "
+                           f"python -m vitrain.export format=onnx")
+    spec, preprocess, names = (json.loads(model.metadata[k]) for k in ("model_spec", "preprocess", "class_names"))
+    return TrainedModel(model, None, eval_transform(preprocess), names, spec, preprocess, None, torch.device("cpu"))
+
+
+def load_for_inference(path: str | Path, device: str = "auto") -> TrainedModel:
+    """A training checkpoint (:func:`load_trained`) or, for a ``.onnx`` file, an exported model (:func:`load_onnx`)."""
+    return load_onnx(path, device) if Path(path).suffix == ".onnx" else load_trained(path, device)

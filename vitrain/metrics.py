@@ -59,17 +59,35 @@ def score(
 
 
 class LossWindow:
-    """The training losses since the last log, summed on the device (no host sync per step)."""
+    """The training losses since the last log, summed on the device (no host sync per step), and the top-1 hits
+    of the batches with hard labels (under mixup/cutmix the targets are soft: there is no top-1 to count)."""
 
     def __init__(self, device: torch.device) -> None:
         self.total, self.batches = torch.zeros((), device=device), 0
+        self.correct, self.counted = torch.zeros((), device=device), 0
 
-    def add(self, loss: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, outputs: Any = None, labels: torch.Tensor | None = None) -> None:
+        """One batch's loss; with its outputs (logits, or DeiT's pair, averaged) and hard labels, its top-1 hits."""
         self.total += loss.detach().float()
         self.batches += 1
+        if outputs is not None and labels is not None and labels.ndim == 1:
+            logits = sum(outputs) / len(outputs) if isinstance(outputs, tuple | list) else outputs
+            self.correct += (logits.detach().argmax(-1) == labels).sum()
+            self.counted += labels.numel()
 
-    def pop_mean(self) -> float:
-        """The mean over the ranks of their windows' mean losses (one host sync), and a fresh window."""
-        mean = distributed.all_reduce_mean(self.total / max(1, self.batches)).item()
+    def pop(self) -> tuple[float, float | None]:
+        """The mean over the ranks of their windows' mean losses, and the top-1 (%) of all the ranks' counted
+        images (None when none were counted), in one host sync; then a fresh window."""
+        sums = torch.stack([self.total / max(1, self.batches), self.correct.float(),
+                            torch.tensor(float(self.counted), device=self.total.device)])
+        loss, correct, counted = distributed.all_reduce_sum(sums).tolist()
         self.total, self.batches = torch.zeros_like(self.total), 0
-        return mean
+        self.correct, self.counted = torch.zeros_like(self.correct), 0
+        return loss / distributed.world_size(), (100.0 * correct / counted if counted else None)
+
+
+def gradient_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients, as ``clip_grad_norm_`` measures it (the norm of the
+    per-tensor norms), without touching them."""
+    norms = [torch.linalg.vector_norm(p.grad.detach()) for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())

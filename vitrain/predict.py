@@ -1,7 +1,8 @@
 """``python -m vitrain.predict checkpoint=PATH inputs=<image or folder>``: top-k classes of images.
 
 The preprocessing is the evaluation transform saved with the checkpoint (resize, center crop,
-normalisation), and the labels are the class names stored in it.
+normalisation), and the labels are the class names stored in it. ``checkpoint`` may also be an ONNX file
+from ``python -m vitrain.export format=onnx``: onnxruntime runs it, preprocessed as its metadata says.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from vitrain.cli import run_command
 from vitrain.config import CONFIG_DIR, PredictConfig, to_config
 from vitrain.data.datasets import open_rgb
 from vitrain.errors import DataError
-from vitrain.inference import load_trained
+from vitrain.inference import load_for_inference
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -38,8 +39,9 @@ def image_files(inputs: str | Path) -> list[Path]:
 @torch.no_grad()
 def predict(checkpoint: str | Path, inputs: str | Path, topk: int = 5, device: str = "auto",
             use_ema: bool = False) -> list[dict[str, Any]]:
-    """For every image: the ``topk`` (class name, probability) pairs, most likely first."""
-    trained = load_trained(checkpoint, device)
+    """For every image: the ``topk`` (class name, probability) pairs, most likely first. ``checkpoint``: a
+    training checkpoint or an exported ``.onnx`` file (which holds one set of weights: ``use_ema`` is moot)."""
+    trained = load_for_inference(checkpoint, device)
     model, names = trained.pick(use_ema), trained.class_names
     results = []
     for path in image_files(inputs):

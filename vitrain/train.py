@@ -22,7 +22,7 @@ from vitrain.checkpoint import (
     load_checkpoint,
     remove_partial_saves,
 )
-from vitrain.cli import run_command
+from vitrain.cli import check_group_choice, run_command
 from vitrain.config import CONFIG_DIR, TrainConfig, ensure_writable, to_config
 from vitrain.distributed import barrier, broadcast_object, close_distributed, init_distributed, launcher, torchrun_world
 from vitrain.errors import Preempted
@@ -67,8 +67,8 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> float:
-    """Hydra entry point; returns the final top-1 so that sweepers can optimise it. Exit codes: 1 for a user
+def hydra_main(cfg: DictConfig) -> float:
+    """The Hydra app; returns the final top-1 so that sweepers can optimise it. Exit codes: 1 for a user
     error (one line on stderr), 143 after SIGTERM and 130 after SIGINT (the checkpoint is written first, and
     the command that resumes is printed)."""
     run_dir = HydraConfig.get().runtime.output_dir
@@ -88,6 +88,13 @@ def main(cfg: DictConfig) -> float:
         return run_command(run, debug=bool(cfg.trainer.get("debug")), on_preempted=resume_hint)
     finally:
         close_distributed()
+
+
+def main() -> None:
+    """``python -m vitrain.train``: an unknown logger is refused in one line (Hydra's own error spans many), then
+    the Hydra app runs."""
+    check_group_choice(sys.argv[1:], "logger", sorted(p.stem for p in (CONFIG_DIR / "logger").glob("*.yaml")))
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 batch -> autocast forward -> loss(inputs, outputs, labels) -> backward -> clip -> step -> schedule -> log
 -> checkpoint, with evaluation after every epoch. :class:`TrainerConfig` is the schema of the ``trainer``
 config group; the guards (NaN/inf, stop signals) are in :mod:`vitrain.guards`, the checkpoint files in
-:mod:`vitrain.checkpoint`.
+:mod:`vitrain.checkpoint`, what is logged and when in :mod:`vitrain.tracking` (to :mod:`vitrain.loggers`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from vitrain import __version__, distributed
@@ -30,9 +29,11 @@ from vitrain.checkpoint import rng_state, set_rng_state, write_checkpoints
 from vitrain.distributed import BACKENDS, resolve_device
 from vitrain.errors import ConfigError, Preempted
 from vitrain.guards import NonFiniteGuard, StopSignals
-from vitrain.metrics import LossWindow, score
+from vitrain.loggers import Logger
+from vitrain.metrics import LossWindow, gradient_norm, score
 from vitrain.optim import set_backbone_trainable
 from vitrain.runtime import PRECISIONS, autocast_dtype, use_channels_last
+from vitrain.tracking import RunLog, default_logger, skipped_samples
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,9 @@ class TrainerConfig:
     ema_decay: float = 0.9998  # EMA decay per optimizer step
     freeze_backbone: bool = False  # train only the classifier head (linear probing)
     unfreeze_after_epochs: int | None = None  # with freeze_backbone: unfreeze the backbone after this many epochs
-    log_every: int = 10  # optimizer steps between train-loss logs (TensorBoard, progress bar)
+    log_every: int = 10  # optimizer steps between logs of train loss, top-1, gradient norm, learning rates
+    image_grid: int = 16  # at the start, log this many augmented training images as one grid; 0: none
+    histograms_every: int = 0  # log weight and gradient histograms every N epochs; 0: never
     log_images: bool = False  # at the end, log attention/rollout/position/Grad-CAM figures to TensorBoard
     progress: bool = True  # show a tqdm progress bar
     resume: str | None = None  # null: start fresh | auto: this run folder's last.pt (hydra.run.dir=<run>) | a path
@@ -65,9 +68,11 @@ class TrainerConfig:
     debug: bool = False  # show full tracebacks instead of one-line errors
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "accum_steps", "log_every", "keep_last"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"trainer.{key} must be positive (at least 1), got {getattr(self, key)}")
+        for key, least in (("epochs", 1), ("accum_steps", 1), ("log_every", 1), ("keep_last", 1), ("image_grid", 0),
+                           ("histograms_every", 0)):
+            if getattr(self, key) < least:
+                raise ConfigError(f"trainer.{key} must be {'positive (at least 1)' if least else '>= 0 (0: off)'}, "
+                                  f"got {getattr(self, key)}")
         if self.precision != "auto" and self.precision not in PRECISIONS:
             raise ConfigError(f"unknown trainer.precision '{self.precision}'; choose auto, fp32, bf16 or fp16")
         if self.channels_last not in ("auto", True, False):
@@ -113,15 +118,16 @@ class TrainState:
 
 
 class Trainer:
-    """Trains ``model`` as ``config`` says and writes TensorBoard logs, checkpoints and ``metrics.json``
-    under ``run_dir``; ``metadata`` (model spec, preprocessing, class names, ...) goes into every checkpoint.
+    """Trains ``model`` as ``config`` says and writes checkpoints and ``metrics.json`` under ``run_dir``;
+    ``metadata`` (model spec, preprocessing, class names, the run config, ...) goes into every checkpoint. It logs
+    through ``logger`` (default: TensorBoard in ``<run_dir>/tb``).
 
     Under torchrun (a ``torch.distributed`` process group), every rank runs this loop on its share of the
     batches with the model in DistributedDataParallel; rank 0 alone writes files."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, criterion: nn.Module,
                  loaders: Loaders, config: TrainerConfig, run_dir: str | Path,
-                 metadata: dict[str, Any] | None = None) -> None:
+                 metadata: dict[str, Any] | None = None, logger: Logger | None = None) -> None:
         self.config, self.loaders, self.metadata = config, loaders, metadata or {}
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device = resolve_device(config.device)
@@ -137,7 +143,8 @@ class Trainer:
         self.ema = ModelEmaV3(self.model, decay=config.ema_decay) if config.ema else None  # timm's weight EMA
         self.run_dir, self.is_main = Path(run_dir), distributed.is_main()
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.writer = SummaryWriter(str(self.run_dir / "tb")) if self.is_main else distributed.NullWriter()
+        self.logger = logger if logger is not None else default_logger(self.run_dir, self.is_main)
+        self.run_log = RunLog(self.logger, config.epochs, config.histograms_every, config.image_grid, self.metadata)
         self.state = TrainState()
         self.guard, self.stop = NonFiniteGuard(self.ckpt_dir / "last.pt"), StopSignals()
         self._resumed_rng: dict[str, Any] | None = None
@@ -153,9 +160,10 @@ class Trainer:
         elif self.config.compile:
             self.forward_loss = torch.compile(self._forward_loss)
 
-    def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Any]:
         with self._autocast():
-            return self.criterion(images, self.train_model(images), labels)
+            outputs = self.train_model(images)
+            return self.criterion(images, outputs, labels), outputs
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -166,7 +174,7 @@ class Trainer:
         """Train (from where a resumed checkpoint stopped), evaluate after every epoch, checkpoint; return
         (and write) the final metrics. SIGTERM/SIGINT end the current step, save, and raise :class:`Preempted`."""
         start, s = time.perf_counter(), self.state
-        with self.stop.catch():
+        with self.run_log.running(s.epoch, s.step), self.stop.catch():
             for epoch in range(s.epoch, self.config.epochs):
                 s.epoch = epoch
                 self._run_epoch(epoch)
@@ -181,7 +189,7 @@ class Trainer:
         metrics["test_top1"] = self.test_best() if self.loaders.test is not None else None
         if self.is_main:
             (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        self.writer.close()
+        self.run_log.end(metrics, s.step, [self.run_dir / "metrics.json"], self.ckpt_dir / "best.pt")
         return metrics
 
     def _run_epoch(self, epoch: int) -> None:
@@ -194,7 +202,7 @@ class Trainer:
         self.state.train_images += seen
         val = self.evaluate()
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"], "val_top1": val["top1"],
-               "images_per_sec": seen / epoch_time}
+               "images_per_sec": seen / epoch_time, **skipped_samples(self.loaders.train)}
         if self.ema is not None:
             row["val_top1_ema"] = self.evaluate(self.ema.module)["top1"]
         if teacher0 is not None:  # what the teacher's forward passes cost of the training time
@@ -220,9 +228,11 @@ class Trainer:
             labels = labels.to(self.device, non_blocking=True)
             if self.loaders.mixup is not None:
                 images, labels = self.loaders.mixup(images, labels)  # labels become soft targets (B, classes)
+            if s.step == 0 and i == 0:  # what the model sees: augmented, mixed
+                self.run_log.images(images, s.step)
             steps = (i + 1) % cfg.accum_steps == 0 or i + 1 == batches  # else: keep accumulating gradients
             with self._sync_gradients(steps):
-                loss = self.forward_loss(images, labels)
+                loss, outputs = self.forward_loss(images, labels)
                 if cfg.skip_nonfinite and self.guard.is_bad(loss):
                     self._skip_batch(epoch, i)
                     continue
@@ -230,15 +240,15 @@ class Trainer:
                 weight = distributed.last_batch_weight(labels.shape[0], self.device) if i + 1 == batches else 1.0
                 self.scaler.scale(loss * weight / cfg.accum_steps).backward()
             seen += labels.shape[0]
-            window.add(loss)
+            window.add(loss, outputs, labels)
             if not steps:
                 continue
-            self._optimizer_step()
+            grad_norm = self._optimizer_step()
             s.batch_in_epoch = i + 1
             if s.step % cfg.log_every == 0:
                 self.guard.check()
                 epoch_loss += window.total
-                self._log_step(bar, window.pop_mean())
+                self.run_log.step(s.step, *window.pop(), grad_norm, self.learning_rates(), bar)
             self._checkpoint_mid_epoch()
         self.guard.check()
         epoch_loss += window.total
@@ -266,18 +276,24 @@ class Trainer:
             return contextlib.nullcontext()
         return getattr(self.train_model, "no_sync", contextlib.nullcontext)()
 
-    def _optimizer_step(self) -> None:
-        """Clip, step (through the fp16 grad scaler when on), clear gradients, schedule, update the EMA."""
-        if self.config.grad_clip:
+    def _optimizer_step(self) -> torch.Tensor | None:
+        """Clip, step (through the fp16 grad scaler when on), clear gradients, schedule, update the EMA. Returns
+        the global gradient norm before clipping, when measured: at every clipped step and every logged one."""
+        cfg, s, norm = self.config, self.state, None
+        if cfg.grad_clip or (s.step + 1) % cfg.log_every == 0:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            norm = (nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip
+                    else gradient_norm(self.model.parameters()))
+        if self.run_log.histograms_due(s.epoch) and s.batch_in_epoch == 0:  # the epoch's first step
+            self.run_log.histograms(self.model, s.step + 1)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.state.step += 1
+        s.step += 1
         if self.ema is not None:
-            self.ema.update(self.model, step=self.state.step)
+            self.ema.update(self.model, step=s.step)
+        return norm
 
     def _maybe_unfreeze(self, epoch: int) -> None:
         """``trainer.unfreeze_after_epochs``: from that epoch on, the whole model trains."""
@@ -292,7 +308,7 @@ class Trainer:
         """``trainer.skip_nonfinite``: drop a batch whose loss is NaN/inf before it reaches the weights."""
         self.state.skipped_nonfinite += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.writer.add_scalar("train/skipped_nonfinite", self.state.skipped_nonfinite, self.state.step)
+        self.logger.log_scalars({"train/skipped_nonfinite": self.state.skipped_nonfinite}, self.state.step)
         log.warning("non-finite loss at epoch %d batch %d: batch skipped (%d so far)", epoch + 1, batch + 1,
                     self.state.skipped_nonfinite)
 
@@ -332,25 +348,13 @@ class Trainer:
         return {g.get("name", str(i)).removesuffix("_no_decay"): g["lr"]
                 for i, g in enumerate(self.optimizer.param_groups)}
 
-    def _log_step(self, bar: tqdm, loss: float) -> None:
-        self.writer.add_scalar("train/loss", loss, self.state.step)
-        lrs = self.learning_rates()
-        for name, lr in lrs.items():
-            self.writer.add_scalar(f"lr/{name}", lr, self.state.step)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(lrs.values()):.2e}")
-
     def _log_epoch(self, row: dict[str, float]) -> None:
-        step = self.state.step
-        for tag, key in (("train/epoch_loss", "train_loss"), ("train/images_per_sec", "images_per_sec"),
-                         ("val/loss", "val_loss"), ("val/top1", "val_top1"), ("val/top1_ema", "val_top1_ema"),
-                         ("teacher/time_share", "teacher_time_share")):
-            if key in row:
-                self.writer.add_scalar(tag, row[key], step)
-        self.writer.flush()
+        """The epoch's scalars to the loggers, and its line in the log, with the time the whole run still needs."""
+        self.run_log.epoch(row, self.state.step)
         extra = "".join(f"  {k} {row[k]:.3g}" for k in ("val_top1_ema", "teacher_time_share") if k in row)
-        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_top1 %.2f%%  %.0f img/s%s",
+        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_top1 %.2f%%  %.0f img/s%s  eta %s",
                  row["epoch"], self.config.epochs, row["train_loss"], row["val_loss"], row["val_top1"],
-                 row["images_per_sec"], extra)
+                 row["images_per_sec"], extra, self.run_log.eta(row["epoch"]))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: weights, optimizer, schedule, scaler, EMA, the
@@ -358,7 +362,7 @@ class Trainer:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  **dataclasses.asdict(self.state), "rng": rng_state(), "vitrain_version": __version__,
-                 **self.metadata}
+                 "logger": self.logger.state_dict(), **self.metadata}
         if self.ema is not None:
             state["model_ema"] = self.ema.module.state_dict()
         return state
@@ -375,6 +379,7 @@ class Trainer:
         self.state = TrainState(**{k: v for k, v in state.items() if k in known})
         self.state.history = list(self.state.history)
         self._resumed_rng = distributed.own_entry(state.get("rng_ranks"), state["rng"])
+        self.logger.load_state_dict(state.get("logger", {}))  # the tracked run to continue (MLflow, W&B)
 
     def _save(self, val: dict[str, Any] | None = None) -> Path:
         """Write ``last.pt`` (and ``best.pt`` when ``val`` is a new best); with ``keep_last`` > 1, also

@@ -1,0 +1,36 @@
+"""``python -m vitrain.export checkpoint=PATH format=onnx|torch.export|timm|safetensors``: a trained model for
+serving and for other libraries.
+
+``onnx``: an ONNX file with a dynamic batch axis, the preprocessing and class names in its metadata (``vitrain.predict``
+runs it through onnxruntime); ``torch.export``: a ``.pt2`` program; ``timm``: a folder that
+``timm.create_model("local-dir:FOLDER", pretrained=True)`` opens; ``safetensors``: the weights alone. The EMA
+weights when the checkpoint has them (``weights=ema|raw`` chooses), LoRA adapters merged; every format that runs
+is checked against PyTorch after writing (:mod:`vitrain.exporting`).
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from vitrain.cli import run_command
+from vitrain.config import CONFIG_DIR, ExportConfig, to_config
+from vitrain.exporting import export_checkpoint
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
+def main(cfg: DictConfig) -> str:
+    """Print where the export went, which weights it holds, and how close it came to PyTorch's logits."""
+
+    def run() -> str:
+        c = to_config(cfg, ExportConfig)
+        result = export_checkpoint(c.checkpoint, c.format, c.output, c.weights, c.opset, c.atol)
+        check = "" if result.max_diff is None else f"; logits within {result.max_diff:.1e} of PyTorch's"
+        print(f"wrote {result.path} ({result.format}, {result.weights} weights{check})")
+        return str(result.path)
+
+    return run_command(run)
+
+
+if __name__ == "__main__":
+    main()
