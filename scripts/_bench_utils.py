@@ -146,3 +146,11 @@ def describe_machine(device: torch.device) -> dict[str, object]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def pair_row(part: str, name: str, times: dict[str, list[float]], items: int) -> dict:
+    """One table row from two contenders' per-round seconds for ``items`` images each: throughputs from
+    the median seconds, and the paired time ratio first/second."""
+    (a, a_s), (b, b_s) = times.items()
+    return {"part": part, "model": name, "a": a, "b": b, "a_img_s": items / statistics.median(a_s),
+            "b_img_s": items / statistics.median(b_s), **paired_ratio(a_s, b_s), "seconds": times, "items": items}

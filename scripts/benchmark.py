@@ -22,34 +22,30 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from _bench_data import bench_data, bench_folder, format_folder
 from _bench_utils import (
     autocast,
     describe_machine,
     infer_flops,
     interleave,
-    paired_ratio,
+    pair_row,
     peak_flops,
     seconds_per_call,
     synchronize,
     train_flops,
 )
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from vitrain.data import DataSplits, EpochSampler, cpu_loaders
-from vitrain.data.datasets import ArrayDataset
-from vitrain.data.transforms import build_transforms
+from vitrain.data import DataSplits, cpu_loaders
 from vitrain.distill import build_criterion
 from vitrain.models import create_model
 from vitrain.optim import build_optimizer, build_scheduler
@@ -75,14 +71,6 @@ TRAIN_TARGETS = {
 }
 DATA_SPEEDUP_TARGET = {"cuda": 3.0}  # device-resident path over the worker loader, by device type
 TRAINER_OVERHEAD_TARGET = 0.10  # trainer time / bare-loop time - 1
-
-
-def pair_row(part: str, name: str, times: dict[str, list[float]], items: int) -> dict:
-    """One table row from two contenders' per-round seconds for ``items`` images each: throughputs from
-    the median seconds, and the paired time ratio first/second."""
-    (a, a_s), (b, b_s) = times.items()
-    return {"part": part, "model": name, "a": a, "b": b, "a_img_s": items / statistics.median(a_s),
-            "b_img_s": items / statistics.median(b_s), **paired_ratio(a_s, b_s), "seconds": times, "items": items}
 
 
 def add_mfu(row: dict, flops: dict[str, int], peak: float) -> dict:
@@ -154,43 +142,6 @@ def build_pair(name: str, device: torch.device) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     return {source: create_model(name, 1000, source=source, drop_rate=0.0, drop_path_rate=0.0).to(device)
             for source in ("vitrain", "timm")}
-
-
-def epoch_seconds(loader: object, device: torch.device) -> float:
-    """Seconds to draw every batch of ``loader`` onto ``device``, from creating the iterator to the last batch."""
-    synchronize(device)
-    start = time.perf_counter()
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def bench_data(device: torch.device, batch_size: int, batches: int, rounds: int, workers: int,
-               img_size: int = 224) -> dict:
-    """Images/s of the classic path (vitrain's train transforms per image, ``workers`` DataLoader processes)
-    and of the device-resident path (``vitrain.data.gpu``), both from the same random 32x32 uint8 images:
-    resize to ``img_size`` (bilinear), random crop with 4-pixel padding, flip, float, normalize."""
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(batch_size * batches, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=batch_size * batches)
-    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    dataset = ArrayDataset(images, labels, build_transforms(img_size, mean, std, train=True))
-    loader = DataLoader(dataset, batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
-                        pin_memory=device.type == "cuda")
-    contenders = {f"workers ({workers})": partial(epoch_seconds, loader, device)}
-    try:
-        from vitrain.data.gpu import DeviceLoader, GpuAugment
-    except ImportError:
-        times = interleave(contenders, rounds)
-        return {"part": "data", "model": f"32->{img_size} uint8", "a": None, "b": next(iter(times)),
-                "b_img_s": len(dataset) / statistics.median(*times.values()), "seconds": times,
-                "items": len(dataset), "note": "vitrain.data.gpu not found: device path not measured"}
-    augment = GpuAugment(img_size, mean, std, train=True)
-    device_loader = DeviceLoader(dataset.images, dataset.labels, batch_size, augment, EpochSampler(len(dataset)),
-                                 device=str(device))
-    contenders = {"device path": partial(epoch_seconds, device_loader, device), **contenders}
-    return pair_row("data", f"32->{img_size} uint8", interleave(contenders, rounds), len(dataset))
 
 
 class FixedImages(Dataset):
@@ -336,6 +287,10 @@ def run_parts(args: argparse.Namespace, device: torch.device, report: dict) -> l
     if "data" in args.parts:
         log.info("data: %d batches of %d, %d workers", args.data_batches, args.data_batch_size, args.workers)
         rows.append(bench_data(device, args.data_batch_size, args.data_batches, args.rounds, args.workers))
+        if args.data_folder is not None:  # image folder vs shards vs the decode-once cache
+            log.info("data: %d generated JPEGs in %s", args.data_images, args.data_folder)
+            report["data_folder"] = bench_folder(device, args.data_folder, args.data_images, args.data_batch_size,
+                                                 args.workers, args.rounds)
     if "trainer" in args.parts:
         log.info("trainer: %s, %d steps of %d", args.models[0], args.trainer_steps, args.batch_size)
         with tempfile.TemporaryDirectory() as workdir:
@@ -357,6 +312,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers (data)")
     p.add_argument("--data-batch-size", type=int, help="images per batch of the data part")
     p.add_argument("--data-batches", type=int, help="batches per round of the data part")
+    p.add_argument("--data-folder", type=Path, help="data part: also compare loaders on JPEGs generated here")
+    p.add_argument("--data-images", type=int, default=2000, help="training JPEGs generated in --data-folder")
     p.add_argument("--trainer-steps", type=int, help="steps per run of the trainer part")
     p.add_argument("--peak-size", type=int, help="side of the square matmul that measures the peak FLOP/s")
     p.add_argument("--out", type=Path, default=Path("benchmark.json"), help="JSON file of all figures")
@@ -390,6 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{', compiled' if args.compile else ''}; load average {m['load_average_1_5_15min'][0]} at start, "
           f"{m['load_average_at_end'][0]} at end; {report['wall_seconds']:.0f} s")
     print(format_table(rows))
+    if "data_folder" in report:
+        print(format_folder(report["data_folder"]))
     print(f"figures: {args.out}")
     return report
 

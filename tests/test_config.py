@@ -52,7 +52,8 @@ def test_every_option_of_every_group_becomes_its_schema_object(group: str) -> No
     """Each YAML file holds only keys of its group's schema, with values of the right types and ranges."""
     from vitrain.config import TrainConfig
 
-    fill = {"data": ["data.root=/tmp/x"], "distill": ["distill.teacher.name=resnet18"]}.get(group, [])
+    fill = {"data": ["data.root=/tmp/x", "data.train_list=/tmp/x.csv", "data.shards=/tmp/x.tar", "data.path=/tmp/x"],
+            "distill": ["distill.teacher.name=resnet18"]}.get(group, [])
     for option in sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")):
         cfg = to_config(compose([f"{group}={option}", *fill]))
         assert isinstance(cfg, TrainConfig)

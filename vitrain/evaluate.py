@@ -44,7 +44,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig | None = None, 
     if splits.class_names != trained.class_names:
         raise ConfigError(f"the data's classes {splits.class_names[:5]}... differ from the checkpoint's "
                           f"{trained.class_names[:5]}...; evaluate on data with the same classes")
-    loader = cpu_eval_loader(splits.val, batch_size, data.num_workers)
+    loader = cpu_eval_loader(splits.val, batch_size, data.workers)
     result: dict[str, Any] = {"checkpoint": str(checkpoint), "data": data.name, "class_names": splits.class_names,
                               "model": score(trained.model, loader, trained.device)}
     if trained.ema is not None:

@@ -22,6 +22,8 @@ from vitrain.data.config import DATASETS, DataConfig
 from vitrain.data.datasets import DataSplits, keep_classes, load_cifar, load_digits, load_imagefolder
 from vitrain.data.gpu import gpu_eval_loader, gpu_loaders, resolve_pipeline
 from vitrain.data.samplers import EpochSampler, ShardedEpochSampler, ShardSampler, build_samplers, eval_sampler
+from vitrain.data.shards import ShardLoader, ShardStream, open_shards
+from vitrain.data.sources import load_filelist, load_hf
 from vitrain.data.transforms import build_transforms
 from vitrain.distributed import World
 from vitrain.errors import ConfigError, DataError
@@ -40,16 +42,16 @@ def build_datasets(cfg: DataConfig, img_size: int) -> DataSplits:
     training images as the validation set (the data set's eval split becomes the test set); keep a
     stratified ``cfg.train_fraction`` of the rest (both seeded by ``cfg.split_seed``); attach the train
     transform (with the augmentations asked for) and the eval transform."""
-    if cfg.name == "digits":
-        train, val, names = load_digits(cfg.test_fraction, cfg.split_seed)
-    elif cfg.name in ("cifar10", "cifar100"):
-        train, val, names = load_cifar(cfg.name, _need_root(cfg.name, cfg.root), cfg.download)
-    else:
-        train, val, names = load_imagefolder(_need_root(cfg.name, cfg.root))
+    if cfg.name == "webdataset":
+        return _shard_splits(cfg, img_size)
+    train, val, names = _load(cfg)
+    if val is None and cfg.val_fraction == 0:
+        raise ConfigError(f"data={cfg.name} has no validation split here; set data.val_fraction=0.1 to hold out "
+                          f"10% of the training images")
     if cfg.classes is not None:
         chosen = _check_classes(cfg.classes, cfg.name, len(names))
         for split, dataset in (("train", train), ("val", val)):
-            if len(keep_classes(dataset, chosen)) == 0:
+            if dataset is not None and len(keep_classes(dataset, chosen)) == 0:
                 raise DataError(f"{cfg.name} has no {split} images of data.classes={chosen}; pick classes it has")
         names = [names[c] for c in chosen]
     evaluate = build_transforms(img_size, cfg.mean, cfg.std, False, interpolation=cfg.interpolation,
@@ -60,7 +62,9 @@ def build_datasets(cfg: DataConfig, img_size: int) -> DataSplits:
         held = _stratified_indices(_labels(base), cfg.val_fraction, cfg.split_seed)
         rest = sorted(set(range(len(base))) - set(held))
         val, train = Subset(copy.copy(base), held), Subset(base, rest)  # a copy: its own (eval) transform
-        val.dataset.transform = test.transform = evaluate
+        val.dataset.transform = evaluate
+        if test is not None:
+            test.transform = evaluate
     else:
         val.transform = evaluate
     if cfg.train_fraction < 1:
@@ -74,6 +78,44 @@ def build_datasets(cfg: DataConfig, img_size: int) -> DataSplits:
         train_crop=cfg.train_crop, scale=cfg.scale, ratio=cfg.ratio,
     )
     return DataSplits(train, val, names, test)
+
+
+def _load(cfg: DataConfig) -> tuple[Dataset, Dataset | None, list[str]]:
+    """(train, val or None, class names) of a map-style data set."""
+    if cfg.name == "digits":
+        return load_digits(cfg.test_fraction, cfg.split_seed)
+    if cfg.name in ("cifar10", "cifar100"):
+        return load_cifar(cfg.name, _need_root(cfg.name, cfg.root), cfg.download)
+    if cfg.name == "filelist":
+        return load_filelist(cfg.train_list, cfg.val_list)
+    if cfg.name == "hf":
+        return load_hf(cfg.path, cfg.train_split, cfg.val_split, cfg.image_column, cfg.label_column)
+    return load_imagefolder(_need_root(cfg.name, cfg.root))
+
+
+def _shard_splits(cfg: DataConfig, img_size: int) -> DataSplits:
+    """WebDataset shards: a stream per split, with the train and eval transforms."""
+    unsupported = {"data.classes": cfg.classes is not None, "data.train_fraction": cfg.train_fraction < 1,
+                   "data.val_fraction": cfg.val_fraction > 0, "data.aug_repeats": cfg.aug_repeats > 1,
+                   "data.pipeline=gpu": cfg.pipeline == "gpu"}
+    if any(unsupported.values()):
+        key = next(k for k, v in unsupported.items() if v)
+        raise ConfigError(f"{key} needs a data set held in memory or in files, not webdataset shards; leave it at "
+                          f"its default (write shards of the subset you want)")
+    if not cfg.val_shards:
+        raise ConfigError("data=webdataset needs validation shards: set data.val_shards=...")
+    train = open_shards(cfg.shards, True, cfg.shuffle_buffer, cfg.skip_corrupt, cfg.epoch_size)
+    val = open_shards(cfg.val_shards, False, 0, cfg.skip_corrupt)
+    if val.classes != train.classes:
+        raise DataError(f"the train and val shards list different classes ({train.classes[:5]}... vs "
+                        f"{val.classes[:5]}...); give both the same classes.txt")
+    train.transform = build_transforms(
+        img_size, cfg.mean, cfg.std, True, cfg.crop_padding, cfg.hflip, cfg.interpolation,
+        auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter, re_prob=cfg.re_prob,
+        train_crop=cfg.train_crop, scale=cfg.scale, ratio=cfg.ratio)
+    val.transform = build_transforms(img_size, cfg.mean, cfg.std, False, interpolation=cfg.interpolation,
+                                     crop_pct=cfg.crop_pct)
+    return DataSplits(train, val, list(train.classes))
 
 
 def _labels(dataset: Dataset) -> torch.Tensor:
@@ -146,6 +188,8 @@ def cpu_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, pin
     """An evaluation set (validation or test) in order, or this rank's share of it under torchrun. It has its
     own generator: without one, every pass would draw its workers' base seed from the global RNG, and shift
     the random draws of training (drop path, augmentation) that follow."""
+    if isinstance(dataset, ShardStream):
+        return ShardLoader(dataset, batch_size, num_workers, seed, rank, world_size, pin_memory=pin_memory)
     return DataLoader(dataset, batch_size=batch_size, sampler=eval_sampler(len(dataset), rank, world_size),
                       shuffle=False, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
                       generator=torch.Generator().manual_seed(seed))
@@ -158,6 +202,18 @@ def build_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device: to
     this rank's shares of the batches (``data.batch_size`` images per rank and step). With mixup, a short
     last batch is dropped (mixup pairs the images of a batch)."""
     world = world or World()
+    pin = device.type == "cuda"
+    if isinstance(splits.train, ShardStream):
+        log.info("data pipeline: webdataset shards, %d loader workers", cfg.workers)
+        train = ShardLoader(splits.train, cfg.batch_size, cfg.workers, seed, world.rank, world.size, cfg.mixes, pin)
+        return train, cpu_eval_loader(splits.val, cfg.batch_size, cfg.workers, pin, world.rank, world.size, seed), None
+    if cfg.cache or cfg.decode == "device":
+        from vitrain.data.cache import cached_loaders
+        from vitrain.data.decode import decoding_loaders
+
+        build = cached_loaders if cfg.cache else decoding_loaders
+        log.info("data pipeline: %s", "decode-once image cache" if cfg.cache else "JPEG decoding on the device")
+        return build(splits, cfg, img_size, device, seed, world)
     pipeline = resolve_pipeline(cfg.pipeline, splits.train, device, cfg.auto_augment, cfg.color_jitter)
     log.info("data pipeline: %s", pipeline)
     test_sampler = None if splits.test is None else eval_sampler(len(splits.test), world.rank, world.size)
@@ -166,10 +222,9 @@ def build_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device: to
         train, val = gpu_loaders(splits, cfg, img_size, device, seed, *samplers)
         test = None if splits.test is None else gpu_eval_loader(splits.test, cfg, img_size, device, test_sampler)
         return train, val, test
-    pin = device.type == "cuda"
-    train, val = cpu_loaders(splits, cfg.batch_size, cfg.num_workers, seed=seed, pin_memory=pin, drop_last=cfg.mixes,
+    train, val = cpu_loaders(splits, cfg.batch_size, cfg.workers, seed=seed, pin_memory=pin, drop_last=cfg.mixes,
                              rank=world.rank, world_size=world.size, repeats=cfg.aug_repeats)
-    test = None if splits.test is None else cpu_eval_loader(splits.test, cfg.batch_size, cfg.num_workers, pin,
+    test = None if splits.test is None else cpu_eval_loader(splits.test, cfg.batch_size, cfg.workers, pin,
                                                             world.rank, world.size, seed)
     return train, val, test
 

@@ -6,12 +6,15 @@ config becomes this object, before any data set is opened.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from vitrain.data.transforms import check_policy
 from vitrain.errors import ConfigError
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "filelist", "webdataset", "hf")
+DECODERS = ("cpu", "device")
 PIPELINES = ("auto", "gpu", "cpu")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 TRAIN_CROPS = ("pad", "rrc")
@@ -23,8 +26,26 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 class DataConfig:
     """Which images, how they are split, augmented, mixed and batched."""
 
-    name: str = "digits"  # data set: digits | cifar10 | cifar100 | imagefolder
-    root: str | None = None  # the folder holding the data (CIFAR archives; imagefolder's train/ and val/)
+    name: str = "digits"  # data set: digits | cifar10 | cifar100 | imagefolder | filelist | webdataset | hf
+    root: str | None = None  # the folder holding the data (CIFAR archives; imagefolder's train/ and val/, or one
+    #   folder of class subfolders split by val_fraction)
+    train_list: str | None = None  # filelist: a CSV of path,label rows (paths relative to the CSV's folder)
+    val_list: str | None = None  # filelist: the validation CSV; null: hold out val_fraction of train_list
+    shards: str | None = None  # webdataset: train shards, a path, brace pattern (a-{000..009}.tar), URL or pipe:
+    val_shards: str | None = None  # webdataset: the validation shards
+    shuffle_buffer: int = 1000  # webdataset: samples shuffled in a buffer per loader worker (0: shard order only)
+    epoch_size: int | None = None  # webdataset: samples in the train shards, for streams without a manifest
+    skip_corrupt: bool = False  # webdataset: skip unreadable samples (counted in TensorBoard) instead of stopping
+    path: str | None = None  # hf: a save_to_disk folder, parquet file(s), an image folder, or a hub id
+    train_split: str = "train"  # hf: the split to train on
+    val_split: str | None = None  # hf: the split to validate on; null: validation or test if there is one
+    image_column: str = "image"  # hf: the column holding the images
+    label_column: str = "label"  # hf: the column holding the integer labels (a ClassLabel names the classes)
+    cache: bool = False  # imagefolder/filelist: decode every image once into a uint8 array file, reused by
+    #   later runs, and augment whole batches on the device
+    cache_dir: str | None = None  # where the cache goes; null: <root>/.vitrain-cache, or ~/.cache/vitrain
+    decode: str = "cpu"  # imagefolder/filelist: cpu (PIL in loader workers) | device (batched JPEG decoding
+    #   on the training device: nvJPEG on CUDA)
     download: bool = True  # CIFAR: fetch the archive into root when it is missing (needs network)
     test_fraction: float = 0.2  # digits: share of the images held out for testing (stratified)
     split_seed: int = 0  # seed of the digits train/test split and of train_fraction's choice, whatever the seed
@@ -46,7 +67,8 @@ class DataConfig:
     train_fraction: float = 1.0  # keep this share of the training images, the same in every class (seeded)
     aug_repeats: int = 1  # repeated augmentation (DeiT: 3): each image shown this often per epoch, over the ranks
     batch_size: int = 32  # images per step and process
-    num_workers: int = 4  # loader processes decoding and augmenting images (cpu pipeline)
+    num_workers: Any = "auto"  # loader processes decoding and augmenting images; auto: the cores this process
+    #   may use (shared between torchrun's local processes), at most 8
     pipeline: str = "auto"  # auto (gpu with CUDA for in-memory data) | gpu: batches augmented on the device | cpu
     mixup: float = 0.0  # mixup alpha; > 0 turns mixup on (soft targets, label smoothing folded in)
     cutmix: float = 0.0  # cutmix alpha; > 0 turns cutmix on
@@ -60,8 +82,11 @@ class DataConfig:
         _choice("interpolation", self.interpolation, INTERPOLATIONS)
         if self.batch_size <= 0:
             raise ConfigError(f"data.batch_size must be positive, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0 (0 loads in the main process), got {self.num_workers}")
+        if self.num_workers != "auto" and (not isinstance(self.num_workers, int) or self.num_workers < 0):
+            raise ConfigError(f"data.num_workers must be auto or an integer >= 0 (0 loads in the main process), "
+                              f"got {self.num_workers}")
+        _choice("decode", self.decode, DECODERS)
+        self._check_sources()
         if self.crop_padding < 0:
             raise ConfigError(f"data.crop_padding must be >= 0 (0 disables), got {self.crop_padding}")
         if not 0 < self.train_fraction <= 1:
@@ -89,11 +114,37 @@ class DataConfig:
         for key in ("mixup_prob", "mixup_switch_prob"):
             if not 0 <= getattr(self, key) <= 1:
                 raise ConfigError(f"data.{key} is a probability: set it in [0, 1], got {getattr(self, key)}")
-        if self.name == "imagefolder" and not self.root:
-            raise ConfigError("data.root has no value; set it on the command line (data.root=DIR, the folder "
-                              "holding train/ and val/)")
         if len(self.mean) != len(self.std):
             raise ConfigError(f"data.mean and data.std need one value per channel each, got {self.mean} and {self.std}")
+
+    def _check_sources(self) -> None:
+        """The keys each data set needs, and the options only some of them have."""
+        needs = {"imagefolder": ("root", "DIR, the folder holding train/ and val/, or class folders"),
+                 "filelist": ("train_list", "FILE.csv, rows of path,label"),
+                 "webdataset": ("shards", "'train-{000000..000009}.tar', local paths, a URL or pipe:"),
+                 "hf": ("path", "a save_to_disk folder, parquet files, an image folder or a hub id")}
+        if self.name in needs and not getattr(self, needs[self.name][0]):
+            key, what = needs[self.name]
+            raise ConfigError(f"data.{key} has no value; set it on the command line (data.{key}={what})")
+        if (self.cache or self.decode != "cpu") and self.name not in ("imagefolder", "filelist"):
+            raise ConfigError(f"data.cache and data.decode=device read image files (imagefolder, filelist), not "
+                              f"{self.name}; set data.cache=false data.decode=cpu")
+        if self.cache and self.decode != "cpu":
+            raise ConfigError("data.cache=true decodes each image once already; set data.decode=cpu")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer must be >= 0 (0: shard order only), got {self.shuffle_buffer}")
+        if self.epoch_size is not None and self.epoch_size <= 0:
+            raise ConfigError(f"data.epoch_size must be positive, or null to count the shards, got {self.epoch_size}")
+
+    @property
+    def workers(self) -> int:
+        """``num_workers`` as a number: ``auto`` is the cores this process may use, shared between the
+        processes torchrun starts on this machine, at most 8 (beyond that, decoding rarely gains)."""
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return min(8, cores // max(1, local))
 
     @property
     def mixes(self) -> bool:

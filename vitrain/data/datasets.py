@@ -7,6 +7,7 @@ subset of its classes.
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -121,18 +122,25 @@ def open_rgb(path: str | Path, fix: str = "remove or replace the file") -> Image
         raise DataError(f"cannot read image {path} ({type(e).__name__}); {fix}") from e
 
 
-def load_imagefolder(root: str | Path) -> tuple[Dataset, Dataset, list[str]]:
-    """A user's images as ``<root>/train/<class>/*`` and ``<root>/val/<class>/*`` (torchvision ImageFolder)."""
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder, passing over hidden folders (``.vitrain-cache``, ``.ipynb_checkpoints``)."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {directory}")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
+def load_imagefolder(root: str | Path) -> tuple[Dataset, Dataset | None, list[str]]:
+    """A user's images as ``<root>/train/<class>/*`` and ``<root>/val/<class>/*`` (torchvision ImageFolder), or,
+    without ``train/``, one folder ``<root>/<class>/*`` (no validation split: ``data.val_fraction`` holds one
+    out)."""
     root = Path(root).expanduser().resolve()
-    splits = {}
-    for split in ("train", "val"):
-        try:
-            splits[split] = datasets.ImageFolder(str(root / split), loader=open_rgb)
-        except (FileNotFoundError, OSError) as e:
-            raise DataError(
-                f"no images under {root / split} (data.root={root}); expected "
-                f"{root}/{split}/<class_name>/<image files>, one folder per class"
-            ) from e
+    if not (root / "train").is_dir() and root.is_dir():
+        single = _open_folder(root, root, "<class_name>/<image files> or train/ and val/")
+        return single, None, list(single.classes)
+    splits = {s: _open_folder(root / s, root, f"{s}/<class_name>/<image files>") for s in ("train", "val")}
     if splits["train"].classes != splits["val"].classes:
         raise DataError(
             f"train and val class folders differ under data.root={root}: "
@@ -141,12 +149,22 @@ def load_imagefolder(root: str | Path) -> tuple[Dataset, Dataset, list[str]]:
     return splits["train"], splits["val"], list(splits["train"].classes)
 
 
+def _open_folder(folder: Path, root: Path, expected: str) -> datasets.ImageFolder:
+    try:
+        return ImageFolder(str(folder), loader=open_rgb)
+    except (FileNotFoundError, OSError) as e:
+        raise DataError(f"no images under {folder} (data.root={root}); expected {root}/{expected}, one folder per "
+                        f"class") from e
+
+
 def keep_classes(dataset: Dataset, classes: Sequence[int]) -> Dataset:
     """Keep only the samples whose label is in ``classes`` and relabel them 0..len(classes)-1 in that
     order, in place (the in-memory arrays, or an ImageFolder's sample list), so that a model can be
     trained on a few classes of a data set without copying it. Returns ``dataset``."""
     order = torch.as_tensor(list(classes), dtype=torch.long)
-    if isinstance(dataset, ArrayDataset):
+    if hasattr(dataset, "keep"):  # a file list, Hugging Face data
+        dataset.keep(classes)
+    elif isinstance(dataset, ArrayDataset):
         hits = dataset.labels.unsqueeze(1) == order  # (N, K): which of the kept classes each label is
         keep = hits.any(1)
         dataset.images, dataset.labels = dataset.images[keep], hits[keep].int().argmax(1)

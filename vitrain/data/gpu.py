@@ -65,17 +65,23 @@ class GpuAugment:
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.finish(self.crop(images, generator), generator)
+
+    def crop(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The geometric part, uint8 in and out: resize and crop (and flip)."""
         # torchvision's own resize kernel (one interpolate over the batch, rounded back to uint8), so the
         # resized pixels are those of the per-image CPU path
         if not self.train:
             resized = TF.resize(images, [math.floor(self.img_size / self.crop_pct)], self.interpolation, antialias=True)
-            return self._normalize(TF.center_crop(resized, [self.img_size]))
+            return TF.center_crop(resized, [self.img_size])
         if self.train_crop == "rrc":
-            images = self._normalize(self._resized_crop_and_flip(images, generator))
-        else:
-            images = TF.resize(images, [self.img_size], self.interpolation, antialias=True)
-            images = self._normalize(self._crop_and_flip(images, generator))
-        return self._erase(images, generator) if self.re_prob > 0 else images
+            return self._resized_crop_and_flip(images, generator)
+        return self._crop_and_flip(TF.resize(images, [self.img_size], self.interpolation, antialias=True), generator)
+
+    def finish(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The rest, after :meth:`crop` (with the same generator): normalize, then random erasing."""
+        images = self._normalize(images)
+        return self._erase(images, generator) if self.train and self.re_prob > 0 else images
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 -> float in [0, 1] -> (x - mean) / std, the arithmetic of torchvision's ToDtype + Normalize."""
@@ -127,6 +133,8 @@ class GpuAugment:
         """A random resized crop (and flip) of every image, resampled to img_size x img_size in one
         ``grid_sample``: output pixel centres map linearly onto the crop box, read backwards for flips."""
         b, c, h, w = images.shape
+        if images.device.type == "cpu":  # there, uint8 resize kernels beat grid_sample (and antialias, as torchvision)
+            return self._resized_crop_each(images, generator)
         top, left, height, width = (v.float() for v in self.rrc_boxes(b, h, w, generator, images.device))
         sx, sy = width / w, height / h  # the box as an affine map of normalized [-1, 1] coordinates
         tx, ty = (2 * left + width) / w - 1, (2 * top + height) / h - 1
@@ -139,6 +147,18 @@ class GpuAugment:
         mode = {"nearest-exact": "nearest"}.get(self.interpolation.value, self.interpolation.value)
         out = F.grid_sample(images.float(), grid, mode=mode, padding_mode="border", align_corners=False)
         return out.round_().clamp_(0, 255).to(torch.uint8)  # uint8 as after torchvision's resize
+
+    def _resized_crop_each(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The same boxes and flips as the batched path, each crop resized on its own (antialiased)."""
+        b, c = images.shape[:2]
+        boxes = [v.tolist() for v in self.rrc_boxes(b, *images.shape[-2:], generator, images.device)]
+        flips = (torch.rand(b, generator=generator) < 0.5).tolist() if self.hflip else [False] * b
+        out = torch.empty(b, c, self.img_size, self.img_size, dtype=images.dtype)
+        for i, (top, left, height, width) in enumerate(zip(*boxes, strict=True)):
+            crop = TF.resized_crop(images[i], top, left, height, width, [self.img_size] * 2, self.interpolation,
+                                   antialias=True)
+            out[i] = crop.flip(-1) if flips[i] else crop
+        return out
 
     def _erase(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """timm's ``RandomErasing(re_prob, mode="pixel")`` drawn for the whole batch: with probability
@@ -202,15 +222,23 @@ class DeviceLoader:
         return remaining // self.batch_size if self.drop_last else math.ceil(remaining / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, epoch, first = self._epoch()
+        generator = torch.Generator(self.device)
+        for k, (images, labels) in enumerate(self._batches(order)):
+            generator.manual_seed(self.batch_seed(epoch, first + k))
+            yield self.augment(images, generator), labels
+
+    def _epoch(self) -> tuple[torch.Tensor, int, int]:
+        """This pass's order of the images, its epoch, and the number of its first batch in the epoch."""
         indices = range(len(self.labels)) if self.sampler is None else self.sampler
         order = torch.tensor(list(indices), dtype=torch.long, device=self.device)  # one copy per epoch
-        epoch = getattr(self.sampler, "epoch", 0)
-        first = getattr(self.sampler, "start", 0) // self.batch_size
-        generator = torch.Generator(self.device)
+        return order, getattr(self.sampler, "epoch", 0), getattr(self.sampler, "start", 0) // self.batch_size
+
+    def _batches(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The uint8 images and labels of each batch of ``order``, on the device."""
         for k in range(len(self)):
             index = order[k * self.batch_size : (k + 1) * self.batch_size]
-            generator.manual_seed(self.batch_seed(epoch, first + k))
-            yield self.augment(self.images[index], generator), self.labels[index]
+            yield self.images[index], self.labels[index]
 
     def batch_seed(self, epoch: int, batch: int) -> int:
         """A well-mixed seed of (seed, epoch, batch, rank): neighbouring batches, epochs and the ranks of
@@ -277,6 +305,16 @@ def resolve_pipeline(
     nbytes = size * base.images[0].numel() * base.images.element_size()
     free, _ = torch.cuda.mem_get_info(device)
     return "gpu" if nbytes < free / 4 else "cpu"
+
+
+def check_batched(cfg: DataConfig, what: str) -> None:
+    """A one-line ConfigError when ``cfg`` asks for an augmentation that batched augmentation (``what``) does
+    not run."""
+    unsupported = _unsupported(cfg.auto_augment, cfg.color_jitter)
+    if unsupported:
+        runs, fix = (" or ".join(part) for part in zip(*unsupported, strict=True))
+        raise ConfigError(f"{what} augments whole batches and does not run {runs}; set {fix}, or {what.split('=')[0]}"
+                          f"={'false' if what.endswith('true') else 'cpu'}")
 
 
 def _unsupported(auto_augment: str | None, color_jitter: float) -> list[tuple[str, str]]:

@@ -1,0 +1,150 @@
+"""``data.decode=device``: JPEG decoding on the training device, for image folders too large to cache.
+
+Loader workers only read the files' bytes; the main process decodes each batch at once with
+``torchvision.io.decode_jpeg(..., device="cuda")`` (nvJPEG), crops every image on the device (the
+random-resized crop's box from torchvision's draws; the evaluation resize and center crop), and runs the
+rest of the augmentation on the whole batch (:class:`~vitrain.data.gpu.GpuAugment`). Files that are not
+JPEGs are decoded on the CPU. Without CUDA the same code decodes on the CPU, in the main process: correct,
+but slower than ``data.decode=cpu``, which stays the default.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from vitrain.data.cache import file_samples
+from vitrain.data.config import DataConfig
+from vitrain.data.datasets import DataSplits
+from vitrain.data.gpu import GpuAugment, check_batched
+from vitrain.data.samplers import build_samplers, eval_sampler
+from vitrain.distributed import World
+from vitrain.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+class FileBytes(Dataset):
+    """The undecoded bytes of an image file data set's files: (bytes, label, path). Plain bytes, not tensors:
+    a worker that returns a list of tensors shares each through a file descriptor of its own."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        base, rows = file_samples(dataset)
+        self.samples = base.samples if rows is None else [base.samples[i] for i in rows]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[bytes, int, str]:
+        path, label = self.samples[i]
+        try:
+            with open(path, "rb") as f:
+                return f.read(), label, path
+        except OSError as e:
+            raise DataError(f"cannot read image {path} ({type(e).__name__}); remove or replace the file") from e
+
+
+def _as_lists(batch: list[tuple[bytes, int, str]]) -> tuple[list[bytes], torch.Tensor, list[str]]:
+    data, labels, paths = zip(*batch, strict=True)
+    return list(data), torch.tensor(labels), list(paths)
+
+
+def decode_batch(files: list[bytes], paths: list[str], device: torch.device) -> list[torch.Tensor]:
+    """Each file's bytes as a uint8 (3, H, W) RGB image on ``device``; JPEGs decoded there in one call."""
+    data = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
+    is_jpeg = [len(d) > 2 and int(d[0]) == 0xFF and int(d[1]) == 0xD8 for d in data]
+    out: list[torch.Tensor | None] = [None] * len(data)
+    jpegs = [i for i, j in enumerate(is_jpeg) if j]
+    try:
+        decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []
+    except RuntimeError:
+        decoded = [_decode_one(data[i], paths[i], device) for i in jpegs]  # find the file that fails
+    for i, image in zip(jpegs, decoded, strict=True):
+        out[i] = image
+    for i, j in enumerate(is_jpeg):
+        if not j:
+            out[i] = _decode_one(data[i], paths[i], device)
+    return out
+
+
+def _decode_one(data: torch.Tensor, path: str, device: torch.device) -> torch.Tensor:
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB).to(device)
+    except RuntimeError as e:
+        raise DataError(f"cannot decode image {path} (RuntimeError); remove or replace the file") from e
+
+
+class DecodingLoader:
+    """Batches of (normalized images, labels) from files decoded on ``device``, duck-typing the loader the
+    trainer consumes (``len``, iteration, ``batch_size``, ``sampler``). Random draws come from a generator
+    seeded per (seed, epoch, batch, rank), as in :class:`~vitrain.data.gpu.DeviceLoader`."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, augment: GpuAugment, train: bool, sampler: Sampler | None,
+                 drop_last: bool, device: torch.device, seed: int, num_workers: int, crop_pct: float = 1.0) -> None:
+        self.files, self.augment, self.train, self.device, self.seed = FileBytes(dataset), augment, train, device, seed
+        self.crop_pct = crop_pct
+        self.batch_size, self.sampler, self.drop_last = batch_size, sampler, drop_last
+        self.loader = DataLoader(self.files, batch_size, sampler=sampler, num_workers=num_workers,
+                                 drop_last=drop_last, collate_fn=_as_lists, persistent_workers=num_workers > 0,
+                                 generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, first = getattr(self.sampler, "epoch", 0), getattr(self.sampler, "start", 0) // self.batch_size
+        generator = torch.Generator(self.device)
+        for k, (data, labels, paths) in enumerate(self.loader):
+            generator.manual_seed(_batch_seed(self.seed, epoch, first + k, getattr(self.sampler, "rank", 0)))
+            images = decode_batch(data, paths, self.device)
+            square = torch.stack([self._crop(image, generator) for image in images])
+            yield self.augment(square, generator), labels.to(self.device)
+
+    def _crop(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One decoded image as a uint8 img_size square: a random-resized crop (train), or the resize to
+        img_size / crop_pct and center crop (eval)."""
+        size, mode = self.augment.img_size, InterpolationMode(self.augment.interpolation)
+        if not self.train:
+            resized = TF.resize(image, [math.floor(size / self.crop_pct)], mode, antialias=True)
+            return TF.center_crop(resized, [size])
+        top, left, h, w = (int(v) for v in self.augment.rrc_boxes(1, *image.shape[-2:], generator, image.device))
+        return TF.resized_crop(image, top, left, h, w, [size, size], mode, antialias=True)
+
+
+def _batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(1, np.uint64)[0])
+
+
+def decoding_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device: torch.device, seed: int,
+                     world: World) -> tuple[DecodingLoader, DecodingLoader, DecodingLoader | None]:
+    """``data.decode=device``: train/val/test loaders whose workers read bytes and whose images are decoded,
+    cropped and augmented on ``device``."""
+    check_batched(cfg, "data.decode=device")
+    if cfg.train_crop != "rrc":
+        raise ConfigError("data.decode=device crops each image as it is decoded: set data.train_crop=rrc")
+    if device.type != "cuda":
+        log.warning("data.decode=device on %s: JPEGs are decoded on the CPU in the main process "
+                    "(data.decode=cpu, in loader workers, is faster without CUDA)", device)
+    train_sampler, val_sampler = build_samplers(splits, cfg.batch_size, seed, cfg.mixes, world.rank, world.size,
+                                                cfg.aug_repeats)
+    # after the per-image crop: flip, normalize, erase (train); normalize (eval)
+    train_augment = GpuAugment(img_size, cfg.mean, cfg.std, True, 0, cfg.hflip, cfg.interpolation, cfg.re_prob)
+    evaluate = GpuAugment(img_size, cfg.mean, cfg.std, False, interpolation=cfg.interpolation)
+    train = DecodingLoader(splits.train, cfg.batch_size, train_augment, True, train_sampler, cfg.mixes, device, seed,
+                           cfg.workers)
+    val = DecodingLoader(splits.val, cfg.batch_size, evaluate, False, val_sampler, False, device, seed, cfg.workers,
+                         cfg.crop_pct)
+    test = None
+    if splits.test is not None:
+        test = DecodingLoader(splits.test, cfg.batch_size, evaluate, False,
+                              eval_sampler(len(splits.test), world.rank, world.size), False, device, seed, cfg.workers,
+                              cfg.crop_pct)
+    return train, val, test

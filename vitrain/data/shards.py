@@ -1,0 +1,337 @@
+"""``data=webdataset``: tar shards of ``<key>.jpg|png|webp`` + ``<key>.cls`` (and an optional ``.json``),
+read with the ``webdataset`` package from local paths, brace patterns, URLs or ``pipe:`` commands.
+
+How an epoch is dealt out, so that every sample is seen once over all processes:
+
+1. The shards are put in an order that depends only on (seed, epoch) and read as one sequence of N samples
+   (the counts per shard come from the ``manifest.json`` that ``scripts/make_shards.py`` writes, or from
+   counting local shards once).
+2. Rank r of W takes samples [r n, (r + 1) n) of that sequence, n = N // W: every rank the same number of
+   steps (each step is one DDP all-reduce); the N % W samples left over (fewer than W) wait for the next
+   epoch's order. Under mixup a rank's last short batch is dropped, as for the other data sets.
+3. A rank's batches are dealt out in contiguous blocks to its loader workers; each worker reads only its
+   block (skipping to its first sample inside a shard), shuffles it in a buffer (``data.shuffle_buffer``,
+   seeded by seed, epoch, rank and worker), decodes, augments and batches it.
+
+Resume is exact at epoch boundaries. Inside an epoch it is exact when the run resumes with the same number
+of processes and ``data.num_workers`` (each worker skips the batches it had delivered and the augmentation
+of every batch is seeded by its position); with other numbers the order of the rest of the epoch differs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vitrain.errors import ConfigError, DataError, first_line
+
+log = logging.getLogger(__name__)
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+class ShardStream(IterableDataset):
+    """The samples of a list of shards, read as described in the module's docstring. ``transform`` is set by
+    the caller, as for the map-style data sets; the loader (:func:`shard_loader`) sets the epoch, the rank's
+    share, the batch size and the resume position before each pass."""
+
+    def __init__(self, urls: list[str], counts: list[int], classes: list[str], train: bool,
+                 shuffle_buffer: int = 1000, skip_corrupt: bool = False) -> None:
+        self.urls, self.counts, self.classes, self.train = urls, counts, classes, train
+        self.shuffle_buffer, self.skip_corrupt, self.transform = shuffle_buffer, skip_corrupt, None
+        self.seed, self.epoch, self.rank, self.world_size, self.batch_size = 0, 0, 0, 1, 1
+        self.drop_last, self.start_batch, self.num_workers = False, 0, 1
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def batches(self) -> int:
+        """Batches of this rank in a whole epoch."""
+        n = len(self) // self.world_size if self.train else _share(len(self), self.rank, self.world_size)[1]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def worker_batches(self) -> list[range]:
+        """The batch numbers (of this rank's epoch) that each loader worker makes: contiguous blocks."""
+        total, k = self.batches(), max(1, self.num_workers)
+        return [range(w * total // k, (w + 1) * total // k) for w in range(k)]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        info = get_worker_info()
+        # resumed after ``start_batch`` batches, the loader asks worker 0 first: it takes the role of the worker
+        # whose turn came next in the interrupted pass, and the others follow in the same cycle
+        worker = ((0 if info is None else info.id) + self.start_batch) % max(1, self.num_workers)
+        block = self.worker_batches()[worker]
+        skip = _delivered(self.worker_batches(), self.start_batch)[worker]
+        first = self._rank_first() + block.start * self.batch_size
+        n = min(len(block) * self.batch_size, self._rank_size() - block.start * self.batch_size)
+        samples = self._read(first, n)
+        if self.train and self.shuffle_buffer > 0:
+            samples = _buffer_shuffle(samples, self.shuffle_buffer, self._seed(worker, -1))
+        rng, batch, last, pending, skipped = _BatchRng(info is None), [], None, 0, 0
+        for position, raw in enumerate(_exactly(samples, n, self)):
+            if position < skip * self.batch_size:
+                continue  # delivered before the resume: read (the buffer needs it) but not decoded
+            if len(batch) + pending == 0:
+                rng.begin(self._seed(worker, block.start + position // self.batch_size))
+            item = self._decode(raw)  # None: unreadable, skipped (data.skip_corrupt); a good one takes its place
+            if item is None:
+                pending, skipped = pending + 1, skipped + 1
+            else:
+                batch, last, pending = batch + [item] * (pending + 1), item, 0
+            if len(batch) + pending == self.batch_size or position == n - 1:
+                if last is None:
+                    raise DataError(f"no sample of this worker's first batch could be read ({raw.get('__url__')})")
+                batch += [last] * pending
+                images, labels = zip(*batch, strict=True)
+                rng.end()
+                yield torch.stack(images), torch.tensor(labels), skipped
+                batch, pending, skipped = [], 0, 0
+
+    def _rank_size(self) -> int:
+        n = len(self) // self.world_size if self.train else _share(len(self), self.rank, self.world_size)[1]
+        return n // self.batch_size * self.batch_size if self.drop_last else n
+
+    def _rank_first(self) -> int:
+        return self.rank * (len(self) // self.world_size) if self.train else _share(len(self), self.rank,
+                                                                                    self.world_size)[0]
+
+    def _order(self) -> list[int]:
+        """The shards' order this epoch: shuffled by (seed, epoch) for training, as listed for evaluation."""
+        if not self.train:
+            return list(range(len(self.urls)))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(len(self.urls), generator=g).tolist()
+
+    def _read(self, first: int, n: int) -> Iterator[dict[str, Any]]:
+        """The raw samples [first, first + n) of the epoch's shard sequence (tar members, undecoded)."""
+        from webdataset.tariterators import tarfile_samples
+
+        for i in self._order():
+            if n <= 0:
+                return
+            if first >= self.counts[i]:
+                first -= self.counts[i]
+                continue
+            take, url = min(n, self.counts[i] - first), self.urls[i]
+            got = 0
+            try:
+                for k, sample in enumerate(tarfile_samples([{"url": url}])):
+                    if k >= first:
+                        yield sample
+                        got += 1
+                        if got == take:
+                            break
+            except Exception as e:
+                if not self.skip_corrupt:
+                    raise DataError(f"shard {url} is truncated or corrupt ({type(e).__name__}: {first_line(e, 120)}); "
+                                    f"replace it, or set data.skip_corrupt=true to skip what cannot be read") from e
+                log.warning("shard %s: %d samples unreadable (%s), skipped", url, take - got, type(e).__name__)
+            first, n = 0, n - take
+
+    def _decode(self, raw: dict[str, Any]) -> tuple[torch.Tensor, int] | None:
+        """(transformed image, label) of a raw sample; None for an unreadable one with ``skip_corrupt``."""
+        where = f"{raw.get('__url__')}: sample {raw.get('__key__')}"
+        try:
+            key = next((k for k in IMAGE_KEYS if k in raw), None)
+            if key is None:
+                raise ValueError(f"no image ({', '.join(IMAGE_KEYS)}) in {sorted(k for k in raw if k[0] != '_')}")
+            image = Image.open(io.BytesIO(raw[key])).convert("RGB")
+            label = int(raw["cls"]) if "cls" in raw else int(json.loads(raw["json"])["label"])
+        except (OSError, ValueError, KeyError, SyntaxError) as e:
+            if self.skip_corrupt:
+                return None
+            raise DataError(f"{where} cannot be read ({type(e).__name__}: {first_line(e, 100)}); fix the "
+                            f"shard, or set data.skip_corrupt=true to skip such samples") from e
+        if not 0 <= label < len(self.classes):
+            raise DataError(f"{where} has label {label}, outside the {len(self.classes)} classes of the shards' "
+                            f"classes.txt; fix the label or the class list")
+        return (self.transform(image) if self.transform else image), label
+
+    def _seed(self, worker: int, batch: int) -> int:
+        return int(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker, batch + 1]).generate_state(1)[0])
+
+
+
+class _BatchRng:
+    """Seeds the global generators that per-image transforms draw from at the start of each batch, so that a
+    batch's augmentation depends only on its place in the epoch (a resume repeats it). In the main process
+    (no loader workers) the training's own random state is put back after the batch."""
+
+    def __init__(self, restore: bool) -> None:
+        self.restore, self.saved = restore, None
+
+    def begin(self, seed: int) -> None:
+        if self.restore:
+            self.saved = torch.get_rng_state(), random.getstate()
+        torch.manual_seed(seed)
+        random.seed(seed)
+
+    def end(self) -> None:
+        if self.saved is not None:
+            torch.set_rng_state(self.saved[0])
+            random.setstate(self.saved[1])
+            self.saved = None
+
+
+def _share(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(first, count) of rank's contiguous share of n evaluation samples; all of them over the ranks."""
+    first = rank * n // world_size
+    return first, (rank + 1) * n // world_size - first
+
+
+def _delivered(blocks: list[range], start_batch: int) -> list[int]:
+    """How many batches of each worker's block the loader yielded in its first ``start_batch`` batches
+    (PyTorch's loader takes one batch from each worker in turn, passing over workers that are done)."""
+    done, left = [0] * len(blocks), start_batch
+    while left > 0:
+        for w, block in enumerate(blocks):
+            if left > 0 and done[w] < len(block):
+                done[w], left = done[w] + 1, left - 1
+    return done
+
+
+def _buffer_shuffle(samples: Iterator[dict], size: int, seed: int) -> Iterator[dict]:
+    """webdataset's shuffle buffer, with its own seeded generator."""
+    from webdataset.filters import _shuffle
+
+    return _shuffle(samples, bufsize=size, initial=min(size, 100), rng=random.Random(seed))
+
+
+def _exactly(samples: Iterator[dict], n: int, stream: ShardStream) -> Iterator[dict]:
+    """``n`` samples: those read, then (when a shard was cut short and skipped) repeats of the last one, each
+    marked to count as skipped, so that every rank still makes its number of steps."""
+    last = None
+    count = 0
+    for sample in samples:
+        last = sample
+        count += 1
+        yield sample
+    if count < n and last is None:
+        raise DataError(f"no sample of {len(stream.urls)} shard(s) could be read, starting with {stream.urls[0]}")
+    for _ in range(n - count):
+        yield {"__fill__": None, "__url__": last.get("__url__"), "__key__": "(missing)"}
+
+
+class ShardLoader:
+    """Batches of a :class:`ShardStream` through a ``DataLoader`` (workers decode and augment), duck-typing
+    what the trainer consumes: ``len``, iteration, ``batch_size`` and a ``sampler`` with ``set_epoch``.
+    ``skipped`` counts the samples skipped as unreadable (``data.skip_corrupt``) since the loader was made."""
+
+    def __init__(self, stream: ShardStream, batch_size: int, num_workers: int, seed: int, rank: int,
+                 world_size: int, drop_last: bool = False, pin_memory: bool = False) -> None:
+        stream.seed, stream.rank, stream.world_size, stream.batch_size = seed, rank, world_size, batch_size
+        stream.drop_last, stream.num_workers = drop_last, max(1, num_workers)
+        self.stream, self.batch_size, self.num_workers, self.pin_memory = stream, batch_size, num_workers, pin_memory
+        self.sampler, self.skipped = self, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.stream.epoch, self.stream.start_batch = epoch, start // self.batch_size
+
+    def __len__(self) -> int:
+        return self.stream.batches() - self.stream.start_batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        workers = min(self.num_workers, self.stream.batches())
+        self.stream.num_workers = max(1, workers)
+        loader = DataLoader(self.stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
+                            generator=torch.Generator().manual_seed(self.stream.seed))  # leaves the global RNG alone
+        for images, labels, skipped in loader:
+            self.skipped += skipped
+            yield images, labels
+
+
+def expand_shards(spec: str) -> list[str]:
+    """The shard URLs of ``data.shards``: brace patterns expanded (``a-{000..009}.tar``), ``::`` separating
+    several; local paths made absolute."""
+    from webdataset.shardlists import expand_urls
+
+    urls = expand_urls(spec)
+    if not urls:
+        raise DataError(f"data.shards='{spec}' names no shard; give a path, a brace pattern or a URL")
+    local = [u for u in urls if _is_local(u)]
+    missing = [u for u in local if not Path(u).expanduser().is_file()]
+    if missing:
+        raise DataError(f"shard {missing[0]} does not exist ({len(missing)} of {len(urls)} missing); check data.shards")
+    return [str(Path(u).expanduser().resolve()) if _is_local(u) else u for u in urls]
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def open_shards(spec: str, train: bool, shuffle_buffer: int, skip_corrupt: bool,
+                epoch_size: int | None = None) -> ShardStream:
+    """The :class:`ShardStream` of ``spec``, with its per-shard counts and classes read beside the shards."""
+    urls = expand_shards(spec)
+    manifest = _beside(urls[0], "manifest.json")
+    counts = _counts(urls, json.loads(manifest) if manifest else {}, epoch_size)
+    return ShardStream(urls, counts, shard_classes(urls[0]), train, shuffle_buffer, skip_corrupt)
+
+
+def _counts(urls: list[str], manifest: dict, epoch_size: int | None) -> list[int]:
+    known = {entry["name"]: entry["count"] for entry in manifest.get("shards", [])}
+    names = [u.rsplit("/", 1)[-1] for u in urls]
+    if all(n in known for n in names):
+        return [known[n] for n in names]
+    if epoch_size is not None:  # a stream without a manifest: spread the size evenly, approximately
+        log.warning("no manifest.json lists these shards: using data.epoch_size=%d spread evenly (each sample is "
+                    "seen about once per epoch; a manifest makes it exact)", epoch_size)
+        return [epoch_size * (i + 1) // len(urls) - epoch_size * i // len(urls) for i in range(len(urls))]
+    if not all(_is_local(u) for u in urls):
+        raise ConfigError("the shards have no manifest.json beside them (scripts/make_shards.py writes one); set "
+                          "data.epoch_size=N, the number of training samples")
+    log.info("counting the samples of %d shards (no manifest.json beside them)", len(urls))
+    return [_count(u) for u in urls]
+
+
+def _count(url: str) -> int:
+    from webdataset.tariterators import tarfile_samples
+
+    try:
+        return sum(1 for _ in tarfile_samples([{"url": url}]))
+    except Exception as e:
+        raise DataError(f"shard {url} is truncated or corrupt ({type(e).__name__}); replace it") from e
+
+
+def shard_classes(url: str) -> list[str]:
+    """The class names from ``classes.txt`` (one per line) or ``classes.json`` (a list, or name -> index)
+    beside the shards, or the ``classes`` of their ``manifest.json``."""
+    text = _beside(url, "classes.txt")
+    if text is not None:
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    for name, key in (("classes.json", None), ("manifest.json", "classes")):
+        text = _beside(url, name)
+        if text is not None:
+            value = json.loads(text) if key is None else json.loads(text).get(key)
+            if isinstance(value, dict):
+                return [n for n, _ in sorted(value.items(), key=lambda item: item[1])]
+            if value:
+                return [str(v) for v in value]
+    folder = url.rsplit("/", 1)[0] if "/" in url else "."
+    raise DataError(f"no classes.txt, classes.json or manifest.json beside the shards in {folder}; write the class "
+                    f"names there, one per line (scripts/make_shards.py does)")
+
+
+def _beside(url: str, name: str) -> str | None:
+    """The text of the file ``name`` in the folder of shard ``url`` (local or remote), or None."""
+    if _is_local(url):
+        path = Path(url).parent / name
+        return path.read_text() if path.is_file() else None
+    if url.startswith("pipe:"):
+        return None
+    try:
+        from webdataset.gopen import gopen
+
+        with gopen(url.rsplit("/", 1)[0] + "/" + name) as f:
+            return f.read().decode()
+    except Exception:
+        return None
