@@ -187,3 +187,16 @@ def test_skipped_corrupt_samples_are_counted_in_tensorboard(photos: Path, tmp_pa
     events.Reload()
     counts = [e.value for e in events.Scalars("data/skipped_corrupt")]
     assert counts == [5.0, 10.0]  # per epoch, cumulative
+
+
+def test_a_corrupt_jpeg_decoded_on_the_device_is_one_line_naming_it(photos: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "photos"
+    shutil.copytree(photos / "train", folder)
+    (folder / "bee/3.jpg").write_bytes(b"\xff\xd8\xff not a jpeg after all")
+    cfg = DataConfig(name="imagefolder", root=str(folder), val_fraction=0.2, decode="device", train_crop="rrc",
+                     **FLAT)
+    train, val, _ = build_loaders(build_datasets(cfg, 16), cfg, 16, CPU, seed=0)
+    with pytest.raises(DataError, match=r"cannot decode image .*bee/3.jpg \(RuntimeError\); remove or replace"):
+        list(train) + list(val)  # in one of them

@@ -1,7 +1,8 @@
 """``data.decode=device``: JPEG decoding on the training device, for image folders too large to cache.
 
 Loader workers only read the files' bytes; the main process decodes each batch at once with
-``torchvision.io.decode_jpeg(..., device="cuda")`` (nvJPEG), crops every image on the device (the
+TorchCodec's ``decode_jpeg(..., device="cuda")`` (nvJPEG; torchvision.io's, deprecated since torchvision 0.29,
+when TorchCodec is not installed), crops every image on the device (the
 random-resized crop's box from torchvision's draws; the evaluation resize and center crop), and runs the
 rest of the augmentation on the whole batch (:class:`~vitrain.data.gpu.GpuAugment`). Files that are not
 JPEGs are decoded on the CPU. Without CUDA the same code decodes on the CPU, in the main process: correct,
@@ -12,12 +13,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -57,6 +57,16 @@ def _as_lists(batch: list[tuple[bytes, int, str]]) -> tuple[list[bytes], torch.T
     return list(data), torch.tensor(labels), list(paths)
 
 
+def _decoders() -> tuple[Callable, Callable]:
+    """(decode_jpeg, decode_image): TorchCodec's (the image decoders of the PyTorch ecosystem since torchvision
+    0.29 deprecated its own), else torchvision.io's; both take 1-D uint8 tensors and ``mode="RGB"``."""
+    try:
+        from torchcodec.decoders import decode_image, decode_jpeg
+    except ImportError:
+        from torchvision.io import decode_image, decode_jpeg
+    return decode_jpeg, decode_image
+
+
 def decode_batch(files: list[bytes], paths: list[str], device: torch.device) -> list[torch.Tensor]:
     """Each file's bytes as a uint8 (3, H, W) RGB image on ``device``; JPEGs decoded there in one call."""
     data = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
@@ -64,8 +74,9 @@ def decode_batch(files: list[bytes], paths: list[str], device: torch.device) -> 
     out: list[torch.Tensor | None] = [None] * len(data)
     jpegs = [i for i, j in enumerate(is_jpeg) if j]
     try:
-        decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []
-    except RuntimeError:
+        decode_jpeg = _decoders()[0]
+        decoded = decode_jpeg([data[i] for i in jpegs], mode="RGB", device=device) if jpegs else []
+    except (RuntimeError, ValueError):
         decoded = [_decode_one(data[i], paths[i], device) for i in jpegs]  # find the file that fails
     for i, image in zip(jpegs, decoded, strict=True):
         out[i] = image
@@ -77,9 +88,9 @@ def decode_batch(files: list[bytes], paths: list[str], device: torch.device) -> 
 
 def _decode_one(data: torch.Tensor, path: str, device: torch.device) -> torch.Tensor:
     try:
-        return decode_image(data, mode=ImageReadMode.RGB).to(device)
-    except RuntimeError as e:
-        raise DataError(f"cannot decode image {path} (RuntimeError); remove or replace the file") from e
+        return _decoders()[1](data, mode="RGB").to(device)
+    except (RuntimeError, ValueError) as e:
+        raise DataError(f"cannot decode image {path} ({type(e).__name__}); remove or replace the file") from e
 
 
 class DecodingLoader:
