@@ -200,3 +200,26 @@ def test_a_corrupt_jpeg_decoded_on_the_device_is_one_line_naming_it(photos: Path
     train, val, _ = build_loaders(build_datasets(cfg, 16), cfg, 16, CPU, seed=0)
     with pytest.raises(DataError, match=r"cannot decode image .*bee/3.jpg \(RuntimeError\); remove or replace"):
         list(train) + list(val)  # in one of them
+
+
+def test_the_batched_cpu_crop_is_torchvisions_resized_crop_of_the_drawn_boxes() -> None:
+    """On the CPU the batched random-resized crop resizes each drawn box as torchvision's RandomResizedCrop
+    does (antialiased uint8 kernel), flips the drawn ones, and leaves the training's RNG alone."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from vitrain.data.gpu import GpuAugment
+
+    images = torch.randint(0, 256, (6, 3, 40, 30), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    augment = GpuAugment(16, (0.0,) * 3, (1.0,) * 3, True, train_crop="rrc")
+    state = torch.get_rng_state()
+    out = augment.crop(images, torch.Generator().manual_seed(5))
+    assert torch.equal(torch.get_rng_state(), state)
+    g = torch.Generator().manual_seed(5)
+    boxes = [v.tolist() for v in augment.rrc_boxes(6, 40, 30, g, CPU)]
+    flips = (torch.rand(6, generator=g) < 0.5).tolist()
+    for i, (top, left, height, width) in enumerate(zip(*boxes, strict=True)):
+        crop = TF.resized_crop(images[i], top, left, height, width, [16, 16], InterpolationMode.BILINEAR,
+                               antialias=True)
+        assert torch.equal(out[i], crop.flip(-1) if flips[i] else crop)
+    assert 0 < sum(flips) < 6

@@ -62,7 +62,7 @@ def _decoders() -> tuple[Callable, Callable]:
     0.29 deprecated its own), else torchvision.io's; both take 1-D uint8 tensors and ``mode="RGB"``."""
     try:
         from torchcodec.decoders import decode_image, decode_jpeg
-    except ImportError:
+    except (ImportError, OSError, RuntimeError):  # not installed, or built for another torch
         from torchvision.io import decode_image, decode_jpeg
     return decode_jpeg, decode_image
 
