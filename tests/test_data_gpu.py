@@ -319,7 +319,8 @@ def test_resolve_pipeline_decisions(monkeypatch: pytest.MonkeyPatch, imagefolder
 
 @pytest.mark.parametrize("pipeline, on_folder, auto_augment, color_jitter, match", [
     ("gpu", True, None, 0.0, r"^data\.pipeline=gpu needs an in-memory data set \(digits, cifar10, cifar100\); "
-                             r"ImageFolder reads files: use data\.pipeline=cpu$"),
+                             r"ImageFolder reads files: use data\.pipeline=cpu, or data\.cache=true "
+                             r"\(decoded once, augmented in batches\)$"),
     ("gpu", False, "rand-m9-mstd0.5-inc1", 0.0, r"^data\.pipeline=gpu does not run RandAugment \(data\.auto_augment="
                                                 r"rand-m9-mstd0\.5-inc1\); set data\.auto_augment=null, or use "
                                                 r"data\.pipeline=cpu$"),

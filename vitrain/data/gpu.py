@@ -293,7 +293,8 @@ def resolve_pipeline(
     if pipeline == "gpu":
         if source is None:
             raise ConfigError(f"data.pipeline=gpu needs an in-memory data set ({IN_MEMORY}); "
-                              f"{type(dataset).__name__} reads files: use data.pipeline=cpu")
+                              f"{type(dataset).__name__} reads files: use data.pipeline=cpu, or data.cache=true "
+                              f"(decoded once, augmented in batches)")
         if unsupported:
             what, fix = (" or ".join(part) for part in zip(*unsupported, strict=True))
             raise ConfigError(f"data.pipeline=gpu does not run {what}; set {fix}, or use data.pipeline=cpu")
