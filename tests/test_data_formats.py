@@ -225,9 +225,9 @@ def test_num_workers_auto_uses_the_cores_of_this_process(monkeypatch: pytest.Mon
     import os
 
     cores = len(os.sched_getaffinity(0))
-    assert DataConfig().workers == min(8, cores)
+    assert DataConfig().workers == min(16, cores)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert DataConfig().workers == min(8, cores // 2)
+    assert DataConfig().workers == min(16, cores // 2)
     assert DataConfig(num_workers=3).workers == 3
     with pytest.raises(ConfigError, match="data.num_workers must be auto or an integer >= 0"):
         DataConfig(num_workers="many")

@@ -68,7 +68,7 @@ class DataConfig:
     aug_repeats: int = 1  # repeated augmentation (DeiT: 3): each image shown this often per epoch, over the ranks
     batch_size: int = 32  # images per step and process
     num_workers: Any = "auto"  # loader processes decoding and augmenting images; auto: the cores this process
-    #   may use (shared between torchrun's local processes), at most 8
+    #   may use (shared between torchrun's local processes), at most 16
     pipeline: str = "auto"  # auto (gpu with CUDA for in-memory data) | gpu: batches augmented on the device | cpu
     mixup: float = 0.0  # mixup alpha; > 0 turns mixup on (soft targets, label smoothing folded in)
     cutmix: float = 0.0  # cutmix alpha; > 0 turns cutmix on
@@ -139,12 +139,12 @@ class DataConfig:
     @property
     def workers(self) -> int:
         """``num_workers`` as a number: ``auto`` is the cores this process may use, shared between the
-        processes torchrun starts on this machine, at most 8 (beyond that, decoding rarely gains)."""
+        processes torchrun starts on this machine, at most 16 (beyond that, workers mostly cost memory)."""
         if self.num_workers != "auto":
             return int(self.num_workers)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        return min(8, cores // max(1, local))
+        return min(16, cores // max(1, local))
 
     @property
     def mixes(self) -> bool:
