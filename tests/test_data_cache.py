@@ -35,7 +35,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_photo_folder(tmp_path_factory.mktemp("photos"))
 
 
-@pytest.mark.parametrize("extra", [dict(cache=True), dict(decode="device", train_crop="rrc")])
+@pytest.mark.parametrize("extra", [dict(cache=True), dict(decode="device", train_crop="rrc"), dict(decode="device")])
 def test_cached_and_device_decoded_batches_hold_every_image_once(ids: Path, extra: dict) -> None:
     cfg = DataConfig(name="imagefolder", root=str(ids), **FLAT, **extra)
     train, val, test = build_loaders(build_datasets(cfg, 16), cfg, 16, CPU, seed=0)

@@ -12,22 +12,18 @@ but slower than ``data.decode=cpu``, which stays the default.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from vitrain.data.cache import file_samples
 from vitrain.data.config import DataConfig
 from vitrain.data.datasets import DataSplits
-from vitrain.data.gpu import GpuAugment, check_batched
+from vitrain.data.gpu import GpuAugment, batch_seed, check_batched
 from vitrain.data.samplers import build_samplers, eval_sampler
 from vitrain.distributed import World
-from vitrain.errors import ConfigError, DataError
+from vitrain.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +91,13 @@ def _decode_one(data: torch.Tensor, path: str, device: torch.device) -> torch.Te
 
 class DecodingLoader:
     """Batches of (normalized images, labels) from files decoded on ``device``, duck-typing the loader the
-    trainer consumes (``len``, iteration, ``batch_size``, ``sampler``). Random draws come from a generator
-    seeded per (seed, epoch, batch, rank), as in :class:`~vitrain.data.gpu.DeviceLoader`."""
+    trainer consumes (``len``, iteration, ``batch_size``, ``sampler``). Each decoded image (they differ in size)
+    gets ``augment``'s crop on its own, the batch the rest; the draws come from a generator seeded per (seed,
+    epoch, batch, rank), as in :class:`~vitrain.data.gpu.DeviceLoader`."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, augment: GpuAugment, train: bool, sampler: Sampler | None,
-                 drop_last: bool, device: torch.device, seed: int, num_workers: int, crop_pct: float = 1.0) -> None:
-        self.files, self.augment, self.train, self.device, self.seed = FileBytes(dataset), augment, train, device, seed
-        self.crop_pct = crop_pct
+    def __init__(self, dataset: Dataset, batch_size: int, augment: GpuAugment, sampler: Sampler | None,
+                 drop_last: bool, device: torch.device, seed: int, num_workers: int) -> None:
+        self.files, self.augment, self.device, self.seed = FileBytes(dataset), augment, device, seed
         self.batch_size, self.sampler, self.drop_last = batch_size, sampler, drop_last
         self.loader = DataLoader(self.files, batch_size, sampler=sampler, num_workers=num_workers,
                                  drop_last=drop_last, collate_fn=_as_lists, persistent_workers=num_workers > 0,
@@ -112,26 +108,12 @@ class DecodingLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, first = getattr(self.sampler, "epoch", 0), getattr(self.sampler, "start", 0) // self.batch_size
-        generator = torch.Generator(self.device)
+        rank, generator = getattr(self.sampler, "rank", 0), torch.Generator(self.device)
         for k, (data, labels, paths) in enumerate(self.loader):
-            generator.manual_seed(_batch_seed(self.seed, epoch, first + k, getattr(self.sampler, "rank", 0)))
+            generator.manual_seed(batch_seed(self.seed, epoch, first + k, rank))
             images = decode_batch(data, paths, self.device)
-            square = torch.stack([self._crop(image, generator) for image in images])
-            yield self.augment(square, generator), labels.to(self.device)
-
-    def _crop(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One decoded image as a uint8 img_size square: a random-resized crop (train), or the resize to
-        img_size / crop_pct and center crop (eval)."""
-        size, mode = self.augment.img_size, InterpolationMode(self.augment.interpolation)
-        if not self.train:
-            resized = TF.resize(image, [math.floor(size / self.crop_pct)], mode, antialias=True)
-            return TF.center_crop(resized, [size])
-        top, left, h, w = (int(v) for v in self.augment.rrc_boxes(1, *image.shape[-2:], generator, image.device))
-        return TF.resized_crop(image, top, left, h, w, [size, size], mode, antialias=True)
-
-
-def _batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(1, np.uint64)[0])
+            squares = torch.cat([self.augment.crop(image[None], generator) for image in images])
+            yield self.augment.finish(squares, generator), labels.to(self.device)
 
 
 def decoding_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device: torch.device, seed: int,
@@ -139,23 +121,20 @@ def decoding_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device:
     """``data.decode=device``: train/val/test loaders whose workers read bytes and whose images are decoded,
     cropped and augmented on ``device``."""
     check_batched(cfg, "data.decode=device")
-    if cfg.train_crop != "rrc":
-        raise ConfigError("data.decode=device crops each image as it is decoded: set data.train_crop=rrc")
     if device.type != "cuda":
         log.warning("data.decode=device on %s: JPEGs are decoded on the CPU in the main process "
                     "(data.decode=cpu, in loader workers, is faster without CUDA)", device)
     train_sampler, val_sampler = build_samplers(splits, cfg.batch_size, seed, cfg.mixes, world.rank, world.size,
                                                 cfg.aug_repeats)
-    # after the per-image crop: flip, normalize, erase (train); normalize (eval)
-    train_augment = GpuAugment(img_size, cfg.mean, cfg.std, True, 0, cfg.hflip, cfg.interpolation, cfg.re_prob)
-    evaluate = GpuAugment(img_size, cfg.mean, cfg.std, False, interpolation=cfg.interpolation)
-    train = DecodingLoader(splits.train, cfg.batch_size, train_augment, True, train_sampler, cfg.mixes, device, seed,
+    train_augment = GpuAugment(img_size, cfg.mean, cfg.std, True, cfg.crop_padding, cfg.hflip, cfg.interpolation,
+                               cfg.re_prob, cfg.train_crop, cfg.scale, cfg.ratio)
+    evaluate = GpuAugment(img_size, cfg.mean, cfg.std, False, interpolation=cfg.interpolation, crop_pct=cfg.crop_pct)
+    train = DecodingLoader(splits.train, cfg.batch_size, train_augment, train_sampler, cfg.mixes, device, seed,
                            cfg.workers)
-    val = DecodingLoader(splits.val, cfg.batch_size, evaluate, False, val_sampler, False, device, seed, cfg.workers,
-                         cfg.crop_pct)
+    val = DecodingLoader(splits.val, cfg.batch_size, evaluate, val_sampler, False, device, seed, cfg.workers)
     test = None
     if splits.test is not None:
-        test = DecodingLoader(splits.test, cfg.batch_size, evaluate, False,
-                              eval_sampler(len(splits.test), world.rank, world.size), False, device, seed, cfg.workers,
-                              cfg.crop_pct)
+        test = DecodingLoader(splits.test, cfg.batch_size, evaluate, eval_sampler(len(splits.test), world.rank,
+                                                                                  world.size), False, device, seed,
+                              cfg.workers)
     return train, val, test

@@ -241,10 +241,14 @@ class DeviceLoader:
             yield self.images[index], self.labels[index]
 
     def batch_seed(self, epoch: int, batch: int) -> int:
-        """A well-mixed seed of (seed, epoch, batch, rank): neighbouring batches, epochs and the ranks of
-        a distributed sampler (its ``rank``) draw independent augmentations."""
-        rank = getattr(self.sampler, "rank", 0)
-        return int(np.random.SeedSequence([self.seed, epoch, batch, rank]).generate_state(1, np.uint64)[0])
+        """The seed of this loader's batch ``batch`` of ``epoch`` (:func:`batch_seed`, with the sampler's rank)."""
+        return batch_seed(self.seed, epoch, batch, getattr(self.sampler, "rank", 0))
+
+
+def batch_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
+    """A well-mixed seed of (seed, epoch, batch, rank): neighbouring batches, epochs and the ranks of a
+    distributed sampler draw independent augmentations."""
+    return int(np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(1, np.uint64)[0])
 
 
 def _array_source(dataset: Dataset) -> tuple[ArrayDataset, list[int] | None] | None:
