@@ -54,8 +54,7 @@ def build_datasets(cfg: DataConfig, img_size: int) -> DataSplits:
             if dataset is not None and len(keep_classes(dataset, chosen)) == 0:
                 raise DataError(f"{cfg.name} has no {split} images of data.classes={chosen}; pick classes it has")
         names = [names[c] for c in chosen]
-    evaluate = build_transforms(img_size, cfg.mean, cfg.std, False, interpolation=cfg.interpolation,
-                                crop_pct=cfg.crop_pct)
+    augment, evaluate = _transforms(cfg, img_size)
     test = None
     if cfg.val_fraction > 0:  # the eval split becomes the test set; validation comes out of the training images
         test, base = val, train
@@ -72,12 +71,17 @@ def build_datasets(cfg: DataConfig, img_size: int) -> DataSplits:
         train = Subset(train.dataset, [train.indices[i] for i in kept]) if isinstance(train, Subset) \
             else Subset(train, kept)
     train_set = train.dataset if isinstance(train, Subset) else train
-    train_set.transform = build_transforms(
-        img_size, cfg.mean, cfg.std, True, cfg.crop_padding, cfg.hflip, cfg.interpolation,
-        auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter, re_prob=cfg.re_prob,
-        train_crop=cfg.train_crop, scale=cfg.scale, ratio=cfg.ratio,
-    )
+    train_set.transform = augment
     return DataSplits(train, val, names, test)
+
+
+def _transforms(cfg: DataConfig, img_size: int) -> tuple[Any, Any]:
+    """The per-image train transform (with the augmentations asked for) and eval transform of ``cfg``."""
+    train = build_transforms(img_size, cfg.mean, cfg.std, True, cfg.crop_padding, cfg.hflip, cfg.interpolation,
+                             auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter, re_prob=cfg.re_prob,
+                             train_crop=cfg.train_crop, scale=cfg.scale, ratio=cfg.ratio)
+    return train, build_transforms(img_size, cfg.mean, cfg.std, False, interpolation=cfg.interpolation,
+                                   crop_pct=cfg.crop_pct)
 
 
 def _load(cfg: DataConfig) -> tuple[Dataset, Dataset | None, list[str]]:
@@ -109,12 +113,7 @@ def _shard_splits(cfg: DataConfig, img_size: int) -> DataSplits:
     if val.classes != train.classes:
         raise DataError(f"the train and val shards list different classes ({train.classes[:5]}... vs "
                         f"{val.classes[:5]}...); give both the same classes.txt")
-    train.transform = build_transforms(
-        img_size, cfg.mean, cfg.std, True, cfg.crop_padding, cfg.hflip, cfg.interpolation,
-        auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter, re_prob=cfg.re_prob,
-        train_crop=cfg.train_crop, scale=cfg.scale, ratio=cfg.ratio)
-    val.transform = build_transforms(img_size, cfg.mean, cfg.std, False, interpolation=cfg.interpolation,
-                                     crop_pct=cfg.crop_pct)
+    train.transform, val.transform = _transforms(cfg, img_size)
     return DataSplits(train, val, list(train.classes))
 
 

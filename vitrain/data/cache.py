@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from vitrain.data.config import DataConfig
 from vitrain.data.datasets import DataSplits, open_rgb
-from vitrain.data.gpu import DeviceLoader, GpuAugment, check_batched
+from vitrain.data.gpu import DeviceLoader, GpuAugment, batch_augments, check_batched
 from vitrain.data.samplers import build_samplers, eval_sampler
 from vitrain.distributed import World, rank0_first
 from vitrain.errors import DataError
@@ -236,9 +236,7 @@ def cached_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device: t
 
     train_sampler, val_sampler = build_samplers(splits, cfg.batch_size, seed, cfg.mixes, world.rank, world.size,
                                                 cfg.aug_repeats)
-    train_augment = GpuAugment(img_size, cfg.mean, cfg.std, True, cfg.crop_padding, cfg.hflip, cfg.interpolation,
-                               cfg.re_prob, cfg.train_crop, cfg.scale, cfg.ratio)
-    evaluate = GpuAugment(img_size, cfg.mean, cfg.std, False, interpolation=cfg.interpolation, crop_pct=cfg.crop_pct)
+    train_augment, evaluate = batch_augments(cfg, img_size)
     train = CachedLoader(*open_cache(splits.train), cfg.batch_size, train_augment, train_sampler, cfg.mixes, device,
                          seed)
     val = CachedLoader(*open_cache(splits.val), cfg.batch_size, evaluate, val_sampler, False, device)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from vitrain.data.cache import file_samples
 from vitrain.data.config import DataConfig
 from vitrain.data.datasets import DataSplits
-from vitrain.data.gpu import GpuAugment, batch_seed, check_batched
+from vitrain.data.gpu import GpuAugment, batch_augments, batch_seed, check_batched
 from vitrain.data.samplers import build_samplers, eval_sampler
 from vitrain.distributed import World
 from vitrain.errors import DataError
@@ -126,9 +126,7 @@ def decoding_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device:
                     "(data.decode=cpu, in loader workers, is faster without CUDA)", device)
     train_sampler, val_sampler = build_samplers(splits, cfg.batch_size, seed, cfg.mixes, world.rank, world.size,
                                                 cfg.aug_repeats)
-    train_augment = GpuAugment(img_size, cfg.mean, cfg.std, True, cfg.crop_padding, cfg.hflip, cfg.interpolation,
-                               cfg.re_prob, cfg.train_crop, cfg.scale, cfg.ratio)
-    evaluate = GpuAugment(img_size, cfg.mean, cfg.std, False, interpolation=cfg.interpolation, crop_pct=cfg.crop_pct)
+    train_augment, evaluate = batch_augments(cfg, img_size)
     train = DecodingLoader(splits.train, cfg.batch_size, train_augment, train_sampler, cfg.mixes, device, seed,
                            cfg.workers)
     val = DecodingLoader(splits.val, cfg.batch_size, evaluate, val_sampler, False, device, seed, cfg.workers)

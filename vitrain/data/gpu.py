@@ -333,6 +333,15 @@ def _unsupported(auto_augment: str | None, color_jitter: float) -> list[tuple[st
     return asked
 
 
+def batch_augments(cfg: DataConfig, img_size: int) -> tuple[GpuAugment, GpuAugment]:
+    """The train and eval :class:`GpuAugment` that ``cfg`` asks for, for every batched path (in-memory data,
+    the image cache, device decoding)."""
+    train = GpuAugment(img_size, cfg.mean, cfg.std, True, cfg.crop_padding, cfg.hflip, cfg.interpolation,
+                       cfg.re_prob, cfg.train_crop, cfg.scale, cfg.ratio)
+    return train, GpuAugment(img_size, cfg.mean, cfg.std, False, interpolation=cfg.interpolation,
+                             crop_pct=cfg.crop_pct)
+
+
 def gpu_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device: str | torch.device, seed: int = 0,
                 train_sampler: Sampler[int] | None = None,
                 val_sampler: Sampler[int] | None = None) -> tuple[DeviceLoader, DeviceLoader]:
@@ -340,8 +349,7 @@ def gpu_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device: str 
     (default an :class:`~vitrain.data.EpochSampler` of ``seed``) and augmented as ``cfg`` says (dropping a
     short last batch under mixup), the val one in order (or ``val_sampler``) with the eval transform."""
     train_images, train_labels = _arrays(splits.train, "train")
-    train_augment = GpuAugment(img_size, cfg.mean, cfg.std, True, cfg.crop_padding, cfg.hflip, cfg.interpolation,
-                               cfg.re_prob, cfg.train_crop, cfg.scale, cfg.ratio)
+    train_augment, _ = batch_augments(cfg, img_size)
     if train_sampler is None:
         train_sampler = EpochSampler(len(train_labels), seed)
     train = DeviceLoader(train_images, train_labels, cfg.batch_size, train_augment, train_sampler, cfg.mixes, device,
@@ -353,7 +361,7 @@ def gpu_eval_loader(dataset: Dataset, cfg: DataConfig, img_size: int, device: st
                     sampler: Sampler[int] | None = None) -> DeviceLoader:
     """An in-memory evaluation set (validation or test) on the device, in order (or ``sampler``'s), with the
     eval transform (resize to img_size / crop_pct, center crop, normalize)."""
-    augment = GpuAugment(img_size, cfg.mean, cfg.std, False, interpolation=cfg.interpolation, crop_pct=cfg.crop_pct)
+    _, augment = batch_augments(cfg, img_size)
     return DeviceLoader(*_arrays(dataset, "val"), cfg.batch_size, augment, sampler, False, device)
 
 

@@ -56,7 +56,7 @@ class ShardStream(IterableDataset):
 
     def batches(self) -> int:
         """Batches of this rank in a whole epoch."""
-        n = len(self) // self.world_size if self.train else _share(len(self), self.rank, self.world_size)[1]
+        n = self._rank_share()[1]
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def worker_batches(self) -> list[range]:
@@ -71,7 +71,7 @@ class ShardStream(IterableDataset):
         worker = ((0 if info is None else info.id) + self.start_batch) % max(1, self.num_workers)
         block = self.worker_batches()[worker]
         skip = _delivered(self.worker_batches(), self.start_batch)[worker]
-        first = self._rank_first() + block.start * self.batch_size
+        first = self._rank_share()[0] + block.start * self.batch_size
         n = min(len(block) * self.batch_size, self._rank_size() - block.start * self.batch_size)
         samples = self._read(first, n)
         if self.train and self.shuffle_buffer > 0:
@@ -96,13 +96,17 @@ class ShardStream(IterableDataset):
                 yield torch.stack(images), torch.tensor(labels), skipped
                 batch, pending, skipped = [], 0, 0
 
-    def _rank_size(self) -> int:
-        n = len(self) // self.world_size if self.train else _share(len(self), self.rank, self.world_size)[1]
-        return n // self.batch_size * self.batch_size if self.drop_last else n
+    def _rank_share(self) -> tuple[int, int]:
+        """(first, count) of this rank's samples in the epoch's sequence: n = N // W each for training (every
+        rank the same steps), all of them over the ranks for evaluation."""
+        if not self.train:
+            return _share(len(self), self.rank, self.world_size)
+        n = len(self) // self.world_size
+        return self.rank * n, n
 
-    def _rank_first(self) -> int:
-        return self.rank * (len(self) // self.world_size) if self.train else _share(len(self), self.rank,
-                                                                                    self.world_size)[0]
+    def _rank_size(self) -> int:
+        n = self._rank_share()[1]
+        return n // self.batch_size * self.batch_size if self.drop_last else n
 
     def _order(self) -> list[int]:
         """The shards' order this epoch: shuffled by (seed, epoch) for training, as listed for evaluation."""
