@@ -1,6 +1,6 @@
 """vitrain's models. Importing this package registers every variant."""
 
-from vitrain.models import deit, swin, vit  # noqa: F401  (register the variants)
+from vitrain.models import deit, deit3, swin, vit  # noqa: F401  (register the variants)
 from vitrain.models.deit import DistilledVisionTransformer
 from vitrain.models.factory import create_model
 from vitrain.models.heads import classifier_names, init_linear, new_classifier, reset_classifier

@@ -71,8 +71,15 @@ SWIN_RELEASE: list[Rule] = [
     (r"^head\.", "head.fc."),
 ]
 
+# DeiT III's release (facebookresearch/deit, models_v2.py Layer_scale_init_Block) keeps LayerScale as bare
+# gamma_1/gamma_2 parameters; timm's deit checkpoint_filter_fn (adapt_layer_scale=True) renames them the same way.
+DEIT_RELEASE: list[Rule] = [
+    (r"^(blocks\.\d+)\.gamma_([12])$", r"\1.ls\2.gamma"),
+]
+
 RULES: dict[str, list[Rule]] = {
     "torchvision_vit": TORCHVISION_VIT, "torchvision_swin": TORCHVISION_SWIN, "swin_release": SWIN_RELEASE,
+    "deit_release": DEIT_RELEASE,
 }
 
 # Buffers that the model computes itself (Swin); old files persisted them.
@@ -186,6 +193,10 @@ def _model_name(model: nn.Module) -> str:
     return getattr(model, "model_name", None) or cfg.get("architecture") or type(model).__name__
 
 
+def _is_square(n: int) -> bool:
+    return n >= 0 and math.isqrt(n) ** 2 == n
+
+
 def _fit_pos_embed(value: torch.Tensor, weights: Mapping[str, torch.Tensor], model: nn.Module) -> torch.Tensor:
     prefix, expected = sum(k in weights for k in ("cls_token", "dist_token")), getattr(model, "num_prefix_tokens", 1)
     if prefix != expected:
@@ -193,7 +204,14 @@ def _fit_pos_embed(value: torch.Tensor, weights: Mapping[str, torch.Tensor], mod
             f"pos_embed has {prefix} prefix tokens (CLS, distillation) in the file, {expected} in "
             f"{_model_name(model)}; set model.name to a {'distilled' if prefix == 2 else 'non-distilled'} variant"
         )
-    return resample_pos_embed(value, tuple(model.patch_embed.grid_size), prefix)
+    # DeiT III (timm's no_embed_class): the prefix tokens have no position; pos_embed holds the patches only
+    placed = 0 if getattr(model, "no_embed_class", False) else prefix
+    if not _is_square(value.shape[1] - placed) and _is_square(value.shape[1] - (prefix - placed)):
+        raise ConfigError(
+            f"pos_embed has positions for {prefix - placed} prefix tokens (CLS, distillation) in the file, {placed} "
+            f"in {_model_name(model)} (DeiT III models have none); set model.name to the file's architecture"
+        )
+    return resample_pos_embed(value, tuple(model.patch_embed.grid_size), placed)
 
 
 def _resample(key: str, value: torch.Tensor, want: torch.Size, weights: Mapping, model: nn.Module) -> Any:

@@ -32,6 +32,9 @@ class DistilledVisionTransformer(VisionTransformer):
     def __init__(self, **kwargs: Any) -> None:
         if kwargs.get("global_pool", "token") != "token":
             raise ConfigError("a distilled DeiT reads its CLS and distillation tokens; set model.global_pool=token")
+        if kwargs.get("no_embed_class"):
+            raise ConfigError("a distilled DeiT has positions for its CLS and distillation tokens; "
+                              "set model.no_embed_class=false")
         super().__init__(**kwargs)
         self.num_prefix_tokens = 2  # CLS, distillation
         self.dist_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))

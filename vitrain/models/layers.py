@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, to_2tuple
+from timm.layers import DropPath, LayerScale, to_2tuple
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -104,7 +104,12 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer encoder block: x + Attn(LN(x)), then x + MLP(LN(x)), each with drop path."""
+    """Pre-norm transformer encoder block: x + Attn(LN(x)), then x + MLP(LN(x)), each with drop path.
+
+    ``init_values`` turns on LayerScale (Touvron et al., 2021, CaiT; used by DeiT III): each branch's output
+    is multiplied by a learned per-channel ``gamma`` (``ls1.gamma``, ``ls2.gamma``) that starts at
+    ``init_values``, so a deep network starts close to the identity. Off (None), ``ls1``/``ls2`` are Identity.
+    """
 
     def __init__(
         self,
@@ -115,15 +120,18 @@ class Block(nn.Module):
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
+        init_values: float | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, N, C)
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

@@ -37,20 +37,28 @@ class VisionTransformer(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "token",
+        init_values: float | None = None,
+        no_embed_class: bool = False,
+        drop_path_uniform: bool = False,
     ) -> None:
+        """``init_values``: LayerScale's initial gamma (None: no LayerScale). ``no_embed_class``: the position
+        embedding covers the patches only and the CLS token gets none (DeiT III). ``drop_path_uniform``: every
+        block drops with ``drop_path_rate`` (DeiT III) instead of a rate rising linearly from 0."""
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         self.num_classes, self.embed_dim, self.global_pool = num_classes, embed_dim, global_pool
         self.num_prefix_tokens = 1  # the CLS token
+        self.no_embed_class = no_embed_class  # timm's name: convert.py and timm's weight filter read it
         self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        positions = self.patch_embed.num_patches + (0 if no_embed_class else 1)
+        self.pos_embed = nn.Parameter(torch.zeros(1, positions, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]  # grows linearly with depth
+        dpr = [drop_path_rate if drop_path_uniform else drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
         self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i])
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], init_values)
             for i in range(depth)
         ])
         # As in timm (and MAE/BEiT): with average pooling the final norm moves after the pooling.
@@ -91,6 +99,8 @@ class VisionTransformer(nn.Module):
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         cls = self.cls_token.expand(x.shape[0], -1, -1)
+        if self.no_embed_class:  # DeiT III: add the patches' positions, then prepend the CLS token
+            return self.pos_drop(torch.cat([cls, x + self.pos_embed], dim=1))
         return self.pos_drop(torch.cat([cls, x], dim=1) + self.pos_embed)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
