@@ -216,32 +216,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# This environment pins SQLAlchemy 1.4 (the sweep extra's optuna 2.x) while mlflow's server modules name a few
-# SQLAlchemy 2 classes in annotations; the server process gets them as aliases (with SQLAlchemy 2: a no-op).
-SQLALCHEMY_2_NAMES = """
-import sqlalchemy, sqlalchemy.engine, sqlalchemy.orm, sqlalchemy.sql.expression as e
-for name, value in {"Engine": sqlalchemy.engine.Engine, "Connection": sqlalchemy.engine.Connection,
-                    "Row": sqlalchemy.engine.Row, "ColumnElement": e.ColumnElement, "Select": e.Select,
-                    "Update": e.Update}.items():
-    if not hasattr(sqlalchemy, name):
-        setattr(sqlalchemy, name, value)
-"""
-
-
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> Iterator[str]:
     """A real `mlflow server` on a free local port (sqlite store, proxied artifacts), stopped afterwards."""
     pytest.importorskip("mlflow")
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(SQLALCHEMY_2_NAMES)
     port, root = free_port(), tmp_path / "server"
     root.mkdir()
     with open(root / "server.log", "w") as server_log:
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
-             str(root / "artifacts")], env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
-            stdout=subprocess.DEVNULL, stderr=server_log, start_new_session=True)
+             str(root / "artifacts")], stdout=subprocess.DEVNULL, stderr=server_log, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

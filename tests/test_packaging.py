@@ -45,6 +45,9 @@ def test_the_wheel_holds_the_license_the_types_marker_the_configs_and_the_comman
     for command in COMMANDS:
         assert f"vitrain-{command} = vitrain.{command}:main" in entry_points
     assert not any(n.startswith(("tests/", "docs/", "scripts/")) for n in names)
+    # the Optuna sweeper, where Hydra looks for plugins: hydra_plugins is a namespace package (no __init__.py)
+    assert {f"hydra_plugins/vitrain_optuna_sweeper/{m}.py" for m in ("config", "optuna_sweeper", "_search_space")} \
+        <= names and "hydra_plugins/__init__.py" not in names
 
 
 def test_installed_wheel_trains_and_explains_itself(wheel: Path, tmp_path: Path) -> None:

@@ -1,10 +1,13 @@
-"""Sweeps beyond a grid: an Optuna search as a user runs it, the sweep summary, the SLURM launcher config."""
+"""Sweeps beyond a grid: an Optuna search as a user runs it (vitrain's sweeper, hydra_plugins/vitrain_optuna_sweeper:
+its study in storage, resuming, its params grammar, samplers and pruners), the sweep summary, the SLURM launcher
+config."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +22,8 @@ from vitrain.config import CONFIG_DIR
 REPO = Path(__file__).resolve().parents[1]
 SUMMARIZE = REPO / "scripts" / "summarize_runs.py"
 SEARCHED = ("optimizer.lr", "optimizer.weight_decay", "model.drop_path", "data.mixup", "loss.label_smoothing")
+# 2 optimizer steps an epoch on the digits (1,293 training images once 10% are held out): a few seconds a trial
+TINY = ["trainer.epochs=2", "scheduler.warmup_epochs=0", "data.batch_size=720", "trainer.progress=false"]
 
 
 def compose_with_hydra(overrides: list[str]) -> DictConfig:
@@ -38,17 +43,31 @@ def summarize_runs() -> ModuleType:
     return module
 
 
-@pytest.fixture(scope="module")
-def optuna_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real Optuna search: 4 trials of 1 epoch on the digits."""
-    sweep = tmp_path_factory.mktemp("optuna") / "sweep"
+def run_sweep(sweep: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python -m vitrain.train -m hparams_search=optuna`` into ``sweep``, as a user runs it."""
     result = subprocess.run(
-        [sys.executable, "-m", "vitrain.train", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=4",
-         "trainer.epochs=1", "trainer.progress=false", f"hydra.sweep.dir={sweep}"],
+        [sys.executable, "-m", "vitrain.train", "-m", "hparams_search=optuna", *overrides, f"hydra.sweep.dir={sweep}"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def optuna_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real Optuna search: 3 trials of 2 epochs on the digits, the study in the sweep folder's optuna.db."""
+    sweep = tmp_path_factory.mktemp("optuna") / "sweep"
+    run_sweep(sweep, "hydra.sweeper.n_trials=3", "hydra.sweeper.study_name=digits", *TINY)
     return sweep
+
+
+def load_study(db: Path, name: str = "digits"):  # -> optuna.Study
+    optuna = pytest.importorskip("optuna")
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+
+
+def run_overrides(run_dir: Path) -> dict[str, str]:
+    return dict(o.split("=", 1) for o in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()))
 
 
 def final_top1(run_dir: Path) -> float:
@@ -57,18 +76,50 @@ def final_top1(run_dir: Path) -> float:
 
 def test_optuna_sweep_runs_one_folder_per_trial(optuna_sweep: Path) -> None:
     runs = sorted(p for p in optuna_sweep.iterdir() if p.is_dir())
-    assert [p.name for p in runs] == ["0", "1", "2", "3"]
+    assert [p.name for p in runs] == ["0", "1", "2"]
     lrs = set()
     for run in runs:
         metrics = json.loads((run / "metrics.json").read_text())
-        assert metrics["epochs"] == 1
+        assert metrics["epochs"] == 2
         # selected on 10% of the training digits; the 360 test digits are scored once, at the end
         assert metrics["val_top1"] == metrics["final_top1"] and 0 <= metrics["test_top1"] <= 100
-        overrides = dict(o.split("=", 1) for o in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()))
-        assert set(SEARCHED) <= set(overrides) and overrides["trainer.epochs"] == "1"
+        overrides = run_overrides(run)
+        assert set(SEARCHED) <= set(overrides) and overrides["trainer.epochs"] == "2"
+        assert not any(k.startswith("sweep.") for k in overrides)  # no pruner: the runs report nothing
         lrs.add(float(overrides["optimizer.lr"]))
         assert 1e-4 <= float(overrides["optimizer.lr"]) <= 3e-3 and overrides["data.mixup"] in ("0.0", "0.2", "0.8")
-    assert len(lrs) == 4  # every trial got its own learning rate
+    assert len(lrs) == 3  # every trial got its own learning rate
+
+
+def test_the_study_in_storage_holds_every_trial(optuna_sweep: Path) -> None:
+    """The study is kept in <sweep dir>/optuna.db (storage: null), where Optuna's tools and the dashboard read it."""
+    study = load_study(optuna_sweep / "optuna.db")
+    assert [(t.number, t.state.name) for t in study.trials] == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "COMPLETE")]
+    assert study.direction.name == "MAXIMIZE" and study.user_attrs["vitrain.pruner"] == {
+        "_target_": "optuna.pruners.NopPruner"}
+    for trial in study.trials:  # trial N is run folder N: its value and parameters are that run's
+        run = optuna_sweep / str(trial.number)
+        assert trial.user_attrs["run_dir"] == str(run)
+        assert trial.value == pytest.approx(final_top1(run))
+        overrides = run_overrides(run)
+        assert trial.params["optimizer.lr"] == pytest.approx(float(overrides["optimizer.lr"]))
+        assert str(trial.params["data.mixup"]) == overrides["data.mixup"]
+    assert yaml.safe_load((optuna_sweep / "optimization_results.yaml").read_text())["study_name"] == "digits"
+
+
+def test_a_resumed_study_continues_its_trial_numbers(optuna_sweep: Path, tmp_path: Path) -> None:
+    """The same storage and study name, more trials: Optuna numbers them on from where the study stopped."""
+    db = tmp_path / "study.db"
+    shutil.copy(optuna_sweep / "optuna.db", db)  # the module's sweep keeps its own three trials
+    run_sweep(tmp_path / "more", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage=sqlite:///{db}",
+              "hydra.sweeper.study_name=digits", *TINY[1:], "trainer.epochs=1")
+    study = load_study(db)
+    assert [(t.number, t.state.name) for t in study.trials] == [(n, "COMPLETE") for n in range(5)]
+    assert [t.value for t in study.trials[:3]] == [t.value for t in load_study(optuna_sweep / "optuna.db").trials]
+    runs = sorted(p.name for p in (tmp_path / "more").iterdir() if p.is_dir())
+    assert runs == ["0", "1"] and not (tmp_path / "more" / "optuna.db").exists()  # Hydra's job numbers, per sweep
+    assert [t.user_attrs["run_dir"] for t in study.trials[3:]] == [str(tmp_path / "more" / r) for r in runs]
+    assert [t.value for t in study.trials[3:]] == pytest.approx([final_top1(tmp_path / "more" / r) for r in runs])
 
 
 def test_optuna_best_value_is_the_best_runs_final_top1(optuna_sweep: Path) -> None:
@@ -93,10 +144,10 @@ def test_summary_of_the_sweep_is_sorted_best_first(optuna_sweep: Path, tmp_path:
     header, rows = markdown_rows(out)
     assert header[:2] == ["run", "final_top1"] and set(SEARCHED) - {"loss.label_smoothing"} <= set(header)
     scores = [float(row[1]) for row in rows]
-    assert len(rows) == 4 and scores == sorted(scores, reverse=True)
+    assert len(rows) == 3 and scores == sorted(scores, reverse=True)
     best = max(final_top1(p) for p in optuna_sweep.iterdir() if p.is_dir())
     assert final_top1(optuna_sweep / rows[0][0]) == best  # the first row is the best run
-    assert "in every run: " in out and "trainer.epochs=1" in out  # shared overrides, once
+    assert "in every run: " in out and "trainer.epochs=2" in out  # shared overrides, once
     assert "Optuna best value" in out
     with open(tmp_path / "sweep.csv") as f:
         table = list(csv.DictReader(f))
@@ -156,11 +207,187 @@ def test_summary_csv_keeps_every_run(summarize_runs: ModuleType, tmp_path: Path)
 
 def test_optuna_search_composes_and_the_default_stays_a_grid() -> None:
     sweeper = compose_with_hydra(["hparams_search=optuna"]).hydra.sweeper
-    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert sweeper._target_ == "hydra_plugins.vitrain_optuna_sweeper.optuna_sweeper.VitrainOptunaSweeper"
+    assert sweeper.direction == "maximize" and sweeper.pruner._target_ == "optuna.pruners.NopPruner"
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.sampler.seed is not None
     assert set(SEARCHED) <= set(sweeper.params) and sweeper.n_jobs == 1
     assert sweeper.params["optimizer.lr"].startswith("tag(log, interval(")
     assert compose_with_hydra([]).hydra.sweeper._target_ == "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def build_sweeper(overrides: list[str]):  # -> VitrainOptunaSweeper
+    """The sweeper as Hydra builds it from ``hparams_search=optuna`` and ``overrides`` (no sweep is started)."""
+    from hydra.utils import instantiate
+
+    return instantiate(compose_with_hydra(["hparams_search=optuna", *overrides]).hydra.sweeper)
+
+
+@pytest.mark.parametrize(("choice", "cls"), [("tpe", "TPESampler"), ("random", "RandomSampler"),
+                                             ("cmaes", "CmaEsSampler"), ("nsgaii", "NSGAIISampler")])
+def test_each_sampler_composes_with_the_searchs_seed_and_builds(choice: str, cls: str) -> None:
+    from hydra.utils import instantiate
+
+    optuna = pytest.importorskip("optuna")
+    sampler = build_sweeper([f"hydra/sweeper/sampler={choice}"]).sampler
+    assert sampler.seed == 0 and type(instantiate(sampler)) is getattr(optuna.samplers, cls)
+
+
+@pytest.mark.parametrize(("choice", "cls"), [("none", "NopPruner"), ("median", "MedianPruner"),
+                                             ("hyperband", "HyperbandPruner"),
+                                             ("successive_halving", "SuccessiveHalvingPruner")])
+def test_pruner_choices_are_optunas_pruners(choice: str, cls: str) -> None:
+    """``hydra/sweeper/pruner=NAME`` (the group, with its arguments) and ``hydra.sweeper.pruner=NAME`` (a name)."""
+    optuna = pytest.importorskip("optuna")
+    from vitrain.pruning import build_pruner
+
+    for override in (f"hydra/sweeper/pruner={choice}", f"hydra.sweeper.pruner={choice}"):
+        sweeper = build_sweeper([override])
+        assert type(build_pruner(sweeper.pruner)) is getattr(optuna.pruners, cls)
+        assert sweeper.prunes == (choice != "none")
+    median = build_sweeper(["hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_warmup_steps=3"]).pruner
+    assert build_pruner(median)._n_warmup_steps == 3
+
+
+def test_the_sweeper_refuses_what_optuna_cannot_do() -> None:
+    from hydra.errors import InstantiationException
+
+    pytest.importorskip("optuna")
+    with pytest.raises(InstantiationException, match="prunes single-objective studies only"):
+        build_sweeper(["hydra/sweeper/pruner=median", "hydra.sweeper.direction=[maximize,minimize]"])
+    with pytest.raises(InstantiationException, match="direction must be minimize, maximize"):
+        build_sweeper(["hydra.sweeper.direction=max"])
+    assert build_sweeper(["hydra.sweeper.direction=[maximize,minimize]"]).directions == ["maximize", "minimize"]
+
+
+def test_params_grammar_gives_optunas_distributions() -> None:
+    pytest.importorskip("optuna")
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from hydra_plugins.vitrain_optuna_sweeper._search_space import parse_search_space
+
+    space = parse_search_space([
+        "a=interval(0.0, 0.1)", "b=tag(log, interval(1e-4, 3e-3))", "c=int(interval(8, 64))",
+        "d=tag(log, int(interval(8, 256)))", "e=range(1, 5)", "f=range(0, 10, 3)", "g=range(0.1, 0.5, 0.1)",
+        "h=choice(0.0, 0.2, 0.8)", "i=adamw,sgd", "j=shuffle(range(1, 4))", "+k=choice(1, 2)", "trainer.epochs=3",
+        "a=interval(0.5, 1)"])  # a later override of a key (the shell's, after the YAML's) replaces it
+    assert space.distributions == {
+        "a": FloatDistribution(0.5, 1.0), "b": FloatDistribution(1e-4, 3e-3, log=True),
+        "c": IntDistribution(8, 64), "d": IntDistribution(8, 256, log=True),
+        "e": IntDistribution(1, 4), "f": IntDistribution(0, 9, step=3),  # range: the stop is excluded
+        "g": FloatDistribution(0.1, 0.4, step=0.1), "h": CategoricalDistribution([0.0, 0.2, 0.8]),
+        "i": CategoricalDistribution(["adamw", "sgd"]), "j": CategoricalDistribution([1, 2, 3]),
+        "+k": CategoricalDistribution([1, 2])}
+    assert space.fixed == ["trainer.epochs=3"]  # passed to every trial as written
+    for bad, message in [("x=glob(*)", "cannot be searched"), ("x=tag(log, choice(1, 10))", "interval"),
+                         ("x=range(5, 1)", "is empty")]:
+        with pytest.raises(ValueError, match=message):
+            parse_search_space([bad])
+
+
+def test_trial_overrides_write_each_value_back_as_it_parses() -> None:
+    pytest.importorskip("optuna")
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from hydra_plugins.vitrain_optuna_sweeper._search_space import parse_search_space
+
+    space = parse_search_space(["s=choice('x,y', 'a b', plain)", "l=choice([1,2],[3])", "n=interval(0, 1)",
+                                "~logger", "e=3"])
+    overrides = space.overrides({"s": "x,y", "l": "[3]", "n": 0.25})
+    parsed = {o.get_key_element(): o.value() for o in OverridesParser.create().parse_overrides(overrides)}
+    assert parsed == {"s": "x,y", "l": [3], "n": 0.25, "~logger": None, "e": 3}
+
+
+def test_the_grid_sampler_searches_every_discrete_value() -> None:
+    pytest.importorskip("optuna")
+    from hydra.utils import instantiate
+
+    from hydra_plugins.vitrain_optuna_sweeper._search_space import grid, parse_search_space
+
+    values = grid(parse_search_space(["a=choice(x, y)", "b=range(1, 4)", "c=range(0.0, 0.3, 0.1)"]).distributions)
+    assert values["a"] == ["x", "y"] and values["b"] == [1, 2, 3] and values["c"] == pytest.approx([0.0, 0.1, 0.2])
+    sampler = instantiate(build_sweeper(["hydra/sweeper/sampler=grid"]).sampler, search_space=values)
+    assert type(sampler).__name__ == "GridSampler"
+    with pytest.raises(ValueError, match=r"grid sampler needs choice\(\) or range\(\) for d"):
+        grid(parse_search_space(["d=interval(0, 1)"]).distributions)
+
+
+def test_each_run_result_becomes_its_trials_state() -> None:
+    """A number: COMPLETE with it; vitrain.pruning.PRUNED: PRUNED; an exception or no number: FAIL."""
+    optuna = pytest.importorskip("optuna")
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from hydra_plugins.vitrain_optuna_sweeper.optuna_sweeper import tell
+    from vitrain.pruning import PRUNED
+
+    study = optuna.create_study(direction="maximize")
+    results = [JobReturn(status=JobStatus.COMPLETED, _return_value=90.5),
+               JobReturn(status=JobStatus.COMPLETED, _return_value=PRUNED),
+               JobReturn(status=JobStatus.FAILED, _return_value=RuntimeError("diverged")),
+               JobReturn(status=JobStatus.COMPLETED, _return_value="90%")]
+    failures = [tell(study, study.ask(), result, 1) for result in results]
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "FAIL", "FAIL"]
+    assert study.trials[0].value == 90.5 and failures[:2] == [None, None]
+    assert str(failures[2]) == "diverged" and "returned '90%', not 1 number" in str(failures[3])
+    two = optuna.create_study(directions=["maximize", "minimize"])
+    assert tell(two, two.ask(), JobReturn(status=JobStatus.COMPLETED, _return_value=(90.0, 3.5)), 2) is None
+    assert two.trials[0].values == [90.0, 3.5]
+
+
+PRUNED_APP = """
+import hydra
+from vitrain.pruning import PRUNED, SweepConfig, TrialReporter
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="app")
+def main(cfg):
+    \"\"\"Three 'epochs' at a constant score x, each reported as the Trainer reports its validation top-1.\"\"\"
+    reporter = TrialReporter.from_config(SweepConfig(**cfg.sweep))
+    for epoch in range(3):
+        if reporter.report(epoch, cfg.x):
+            return PRUNED
+    return cfg.x
+
+
+main()
+"""
+PRUNED_APP_CONFIG = """
+defaults:
+  - override hydra/sweeper: vitrain_optuna
+  - override hydra/sweeper/sampler: grid
+  - override hydra/sweeper/pruner: threshold  # conf/hydra/sweeper/pruner/threshold.yaml: a pruner of one's own
+  - _self_
+x: 0.0
+sweep: {trial: null, storage: null, study: null}
+hydra:
+  sweeper:
+    direction: maximize
+    n_trials: 10  # the grid has 4 points: 4 trials
+    n_jobs: 2
+    params: {x: "choice(1.0, 2.0, 3.0, 4.0)"}
+"""
+
+
+def test_a_pruning_sweep_gives_each_trial_its_identity_and_records_pruned_runs(tmp_path: Path) -> None:
+    """The sweeper and vitrain.pruning together, around a stand-in for the Trainer: ThresholdPruner(lower=2.5)
+    stops the runs whose score is 1 or 2 after their first epoch; they return PRUNED and are recorded so."""
+    pytest.importorskip("optuna")
+    (tmp_path / "conf" / "hydra" / "sweeper" / "pruner").mkdir(parents=True)
+    (tmp_path / "app.py").write_text(PRUNED_APP)
+    (tmp_path / "conf" / "app.yaml").write_text(PRUNED_APP_CONFIG)
+    (tmp_path / "conf" / "hydra" / "sweeper" / "pruner" / "threshold.yaml").write_text(
+        "_target_: optuna.pruners.ThresholdPruner\nlower: 2.5\n")
+    result = subprocess.run([sys.executable, "app.py", "-m", "hydra.sweep.dir=sweep", "hydra.sweeper.study_name=s"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load_study(tmp_path / "sweep" / "optuna.db", "s")
+    states = {t.params["x"]: t.state.name for t in study.trials}
+    assert states == {1.0: "PRUNED", 2.0: "PRUNED", 3.0: "COMPLETE", 4.0: "COMPLETE"}
+    assert all(len(t.intermediate_values) == (1 if t.state.name == "PRUNED" else 3) for t in study.trials)
+    assert yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())["best_value"] == 4.0
+    for trial in study.trials:  # what each run was given to find its trial
+        overrides = run_overrides(tmp_path / "sweep" / str(trial.number))
+        assert overrides["sweep.trial"] == str(trial.number) and overrides["sweep.study"] == "s"
+        assert overrides["sweep.storage"].replace("\\", "") == f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}"
 
 
 def test_slurm_launcher_config_composes() -> None:

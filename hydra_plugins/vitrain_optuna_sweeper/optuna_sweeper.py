@@ -1,0 +1,196 @@
+"""The sweeper: ask Optuna for ``n_jobs`` trials, launch them as one batch through the configured launcher, tell
+Optuna each run's result (a value, or :data:`vitrain.pruning.PRUNED`), until ``n_trials`` have run.
+
+The study lives in ``storage`` (by default a sqlite file in the sweep folder), where optuna-dashboard reads it,
+where a later sweep with the same ``storage`` and ``study_name`` continues it, and where each trial reports its
+epochs when a pruner is set: the sweeper then appends ``sweep.trial``, ``sweep.storage`` and ``sweep.study`` to
+the trial's overrides (see :mod:`vitrain.pruning`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hydra.core.override_parser.types import Transformer
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vitrain.pruning import PRUNED, PRUNER_ATTR, pruner_spec
+
+if TYPE_CHECKING:
+    import optuna
+
+    from ._search_space import SearchSpace
+
+log = logging.getLogger(__name__)
+DIRECTIONS = ("minimize", "maximize")
+
+
+class VitrainOptunaSweeper(Sweeper):
+    """``hydra/sweeper=vitrain_optuna`` (settings: :class:`~.config.VitrainOptunaSweeperConf`)."""
+
+    def __init__(self, sampler: DictConfig, pruner: DictConfig | str, direction: str | Sequence[str],
+                 n_trials: int, n_jobs: int, storage: str | None, study_name: str | None,
+                 max_failure_rate: float, params: DictConfig | None) -> None:
+        self.directions = [direction] if isinstance(direction, str) else list(direction)
+        if not self.directions or any(d not in DIRECTIONS for d in self.directions):
+            raise ValueError(f"hydra.sweeper.direction must be minimize, maximize or a list of them, got {direction}")
+        self.pruner = pruner_spec(OmegaConf.to_container(pruner, resolve=True) if isinstance(pruner, DictConfig)
+                                  else pruner)
+        self.prunes = self.pruner["_target_"] != "optuna.pruners.NopPruner"
+        if self.prunes and len(self.directions) > 1:
+            raise ValueError("Optuna prunes single-objective studies only: set hydra/sweeper/pruner=none "
+                             "with several directions")
+        if n_trials < 1 or n_jobs < 1 or not 0 <= max_failure_rate <= 1:
+            raise ValueError("hydra.sweeper needs n_trials >= 1, n_jobs >= 1 and 0 <= max_failure_rate <= 1, got "
+                             f"{n_trials}, {n_jobs}, {max_failure_rate}")
+        self.sampler, self.n_trials, self.n_jobs = sampler, n_trials, n_jobs
+        self.storage, self.study_name, self.max_failure_rate = storage, study_name, max_failure_rate
+        self.params = {} if params is None else {str(k): str(v) for k, v in params.items()}
+        self.job_idx = 0
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.hydra_context = config, hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> None:
+        """Run ``n_trials`` trials over ``params`` and the command line's sweeps; write optimization_results.yaml."""
+        from ._search_space import parse_search_space
+
+        space = parse_search_space([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
+        study, n_trials = self._study(space)
+        log.info("Optuna study %s in %s: %d trials, %d at a time, sampler %s, pruner %s, %s", study.study_name,
+                 self._storage_url(), n_trials, self.n_jobs, type(study.sampler).__name__,
+                 type(study.pruner).__name__, "/".join(self.directions))
+        while n_trials > 0:
+            trials = [study.ask(space.distributions) for _ in range(min(self.n_jobs, n_trials))]
+            batch = [space.overrides(t.params) + self._trial_overrides(study, t) for t in trials]
+            returns = self._launch(study, trials, batch)
+            told = [tell(study, t, r, len(self.directions)) for t, r in zip(trials, returns, strict=True)]
+            failures = [e for e in told if e is not None]
+            if len(failures) / len(returns) > self.max_failure_rate:
+                log.error("%d of %d trials failed (max_failure_rate=%s)", len(failures), len(returns),
+                          self.max_failure_rate)
+                raise failures[0]
+            n_trials -= len(trials)
+        write_results(study, Path(self.config.hydra.sweep.dir) / "optimization_results.yaml")
+
+    def _launch(self, study: optuna.Study, trials: list[optuna.Trial], batch: list[list[str]]) -> Sequence[JobReturn]:
+        """Launch a batch of trials; if it cannot be launched (a bad override, a launcher's error), its trials are
+        marked failed in the study rather than left running there."""
+        from optuna.trial import TrialState
+
+        try:
+            self.validate_batch_is_legal(batch)
+            returns = self.launcher.launch(batch, initial_job_idx=self.job_idx)
+        except Exception:
+            for trial in trials:
+                _tell(study, trial, TrialState.FAIL)
+            raise
+        self.job_idx += len(returns)
+        return returns
+
+    def _storage_url(self) -> str:
+        if self.storage is not None:
+            return self.storage
+        return f"sqlite:///{Path(self.config.hydra.sweep.dir).resolve() / 'optuna.db'}"
+
+    def _study(self, space: SearchSpace) -> tuple[optuna.Study, int]:
+        """The study, created or continued, with its sampler and pruner; and the number of trials to run."""
+        import optuna
+
+        from vitrain.pruning import build_pruner
+
+        from ._search_space import grid
+
+        n_trials = self.n_trials
+        if self.sampler._target_ == "optuna.samplers.GridSampler":
+            values = grid(space.distributions)
+            sampler = instantiate(self.sampler, search_space=values)
+            n_trials = min(n_trials, math.prod(len(v) for v in values.values()))
+        else:
+            sampler = instantiate(self.sampler)
+        if self.storage is None:
+            Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        study = optuna.create_study(storage=self._storage_url(), study_name=self.study_name, sampler=sampler,
+                                    pruner=build_pruner(self.pruner), directions=self.directions,
+                                    load_if_exists=True)
+        if [d.name.lower() for d in study.directions] != self.directions:
+            raise ValueError(f"study {study.study_name} is {[d.name.lower() for d in study.directions]}, "
+                             f"not {self.directions}: choose another hydra.sweeper.study_name")
+        study.set_user_attr(PRUNER_ATTR, self.pruner)  # the runs build the same pruner from it
+        return study, n_trials
+
+    def _trial_overrides(self, study: optuna.Study, trial: optuna.Trial) -> list[str]:
+        """What a run needs to report to its trial: only when a pruner is set (vitrain.pruning.SweepConfig)."""
+        if not self.prunes:
+            return []
+        return [f"sweep.trial={trial.number}", f"sweep.storage={Transformer.str(self._storage_url())}",
+                f"sweep.study={Transformer.str(study.study_name)}"]
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, result: JobReturn, n_objectives: int) -> Exception | None:
+    """Record a run's result as its trial's: COMPLETE with its value(s), PRUNED when it returned
+    :data:`~vitrain.pruning.PRUNED`, FAIL when it raised or returned no number; return the failure, if any."""
+    from optuna.trial import TrialState
+
+    if result.hydra_cfg is not None:  # the run's folder, beside its trial in the dashboard
+        trial.set_user_attr("run_dir", str(result.hydra_cfg.hydra.runtime.output_dir))
+    try:
+        value = result.return_value  # a run that raised: Hydra raises its exception again here
+        if isinstance(value, str) and value == PRUNED:
+            log.info("trial %d pruned", trial.number)
+            _tell(study, trial, TrialState.PRUNED)
+            return None
+        values = _values(value, n_objectives)
+    except Exception as e:
+        log.warning("trial %d failed: %s", trial.number, e)
+        _tell(study, trial, TrialState.FAIL)
+        return e
+    log.info("trial %d finished: %s", trial.number, values[0] if n_objectives == 1 else values)
+    _tell(study, trial, TrialState.COMPLETE, values)
+    return None
+
+
+def _values(value: Any, n_objectives: int) -> list[float]:
+    """A run's return value as the study's objective values."""
+    try:
+        values = [float(value)] if n_objectives == 1 else [float(v) for v in value]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the run returned {value!r}, not {n_objectives} number(s)") from e
+    if len(values) != n_objectives:
+        raise ValueError(f"the run returned {len(values)} values for {n_objectives} objectives")
+    return values
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, state: Any, values: list[float] | None = None) -> None:
+    try:
+        study.tell(trial, values, state=state)
+    except RuntimeError as e:  # the grid sampler stops the study when its grid is done, outside optimize()
+        if "Study.stop" not in str(e):
+            raise
+
+
+def write_results(study: optuna.Study, path: Path) -> None:
+    """optimization_results.yaml: the best value and parameters (several objectives: the Pareto front), and the
+    study's name, to continue it or find it in optuna-dashboard."""
+    results: dict[str, Any] = {"name": "optuna", "study_name": study.study_name}
+    try:
+        if len(study.directions) == 1:
+            results.update(best_params=study.best_trial.params, best_value=study.best_value)
+            log.info("best value %s with %s", study.best_value, study.best_trial.params)
+        else:
+            results["solutions"] = [{"params": t.params, "values": t.values} for t in study.best_trials]
+            log.info("%d Pareto solutions", len(results["solutions"]))
+    except ValueError:  # no trial completed (all failed or pruned)
+        log.warning("no trial of study %s completed: no best value", study.study_name)
+    OmegaConf.save(OmegaConf.create(results), path)
