@@ -113,7 +113,8 @@ def test_skip_nonfinite_counts_and_goes_on(tmp_path: Path, monkeypatch) -> None:
         return loss * float("nan") if calls["n"] % 10 == 0 else loss
 
     monkeypatch.setattr(ClassificationLoss, "forward", sometimes_nan)
-    metrics = train(compose(["trainer.epochs=1", "trainer.progress=false", "trainer.skip_nonfinite=true"]), tmp_path)
+    metrics = train(compose(["trainer.epochs=1", "trainer.progress=false", "trainer.skip_nonfinite=true",
+                             "trainer.max_skipped_fraction=0.1"]), tmp_path)
     assert metrics["skipped_nonfinite"] == 4 and metrics["steps"] == 41  # 45 batches, 4 skipped
     assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"].values())
 

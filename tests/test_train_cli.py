@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_batch import run_cases
 
-FAST = ["trainer.epochs=1", "data.batch_size=720", "trainer.progress=false"]
+FAST = ["trainer.epochs=1", "scheduler.warmup_epochs=0", "data.batch_size=720", "trainer.progress=false"]
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -107,15 +108,22 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             "teacher_3_classes": str(root / "teacher3.pth"), "pwned": str(root / "pwned")}
 
 
-@pytest.mark.parametrize(("args", "expected"), BAD_INPUT)
-def test_bad_input_is_one_line_without_traceback(tmp_path: Path, args: list[str], expected: str,
+@pytest.fixture(scope="module")
+def bad_input_results(bad_files: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Every BAD_INPUT command line through the real entry point, in one process (tests/cli_batch.py)."""
+    root = tmp_path_factory.mktemp("bad_input")
+    cases = [[*(a.format(**bad_files) for a in args), "data.num_workers=0", "trainer.progress=false",
+              f"hydra.run.dir={root}/run{i}"] for i, (args, _) in enumerate(BAD_INPUT)]
+    return run_cases("vitrain.train", cases, root)
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[" ".join(args) for args, _ in BAD_INPUT])
+def test_bad_input_is_one_line_without_traceback(case: int, bad_input_results: list[dict],
                                                  bad_files: dict[str, str]) -> None:
-    args, expected = [a.format(**bad_files) for a in args], expected.format(**bad_files)
-    result = run_cli([*args, "data.num_workers=0", "trainer.progress=false", f"hydra.run.dir={tmp_path}/run"], tmp_path)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr + result.stdout
-    assert result.stderr.strip().startswith(expected), result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    result, expected = bad_input_results[case], BAD_INPUT[case][1].format(**bad_files)
+    assert result["code"] == 1 and "Traceback" not in result["stderr"]
+    assert result["stderr"].strip().startswith(expected), result["stderr"]
+    assert len(result["stderr"].strip().splitlines()) == 1
     assert not Path(bad_files["pwned"]).exists()  # the malicious pickle ran nothing
 
 
@@ -127,10 +135,60 @@ def test_unwritable_output_folder_fails_before_training(tmp_path: Path) -> None:
                                      f"set hydra.run.dir to a writable folder")
 
 
-def test_unknown_config_key_is_refused_by_hydra_without_traceback(tmp_path: Path) -> None:
-    result = run_cli(["trainer.epoch=3"], tmp_path)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "Could not override 'trainer.epoch'" in result.stderr
+CHECKED_BEFORE_DATA = [  # each refused in one line before the data set is read (the CIFAR-10 folder is empty)
+    (["seed=-1"], "error: seed must be in [0, 2**32 - 1] (NumPy's range), got -1"),
+    (["data.std=[0,0,0]"], "error: data.std must be positive in every channel, got [0.0, 0.0, 0.0]"),
+    (["scheduler.warmup_epochs=100", "trainer.epochs=2"],
+     "error: scheduler.warmup_epochs=100 must be shorter than trainer.epochs=2; lower it (0: no warmup) or train "
+     "longer"),
+    (["model.img_size=30"], "error: image size 30x30 is not divisible by the patch size 4; set model.img_size to a "
+                            "multiple of it"),
+    (["model=vit_tiny", "+model.patch_size=7", "model.img_size=32"],
+     "error: image size 32x32 is not divisible by the patch size 7; set model.img_size to a multiple of it"),
+    (["model.name=vit_smal_patch16_224"], "error: unknown model 'vit_smal_patch16_224' (model.name); "
+                                          "did you mean vit_small_patch16_224"),
+    (["model=timm", "model.name=resnt18"], "error: unknown timm model 'resnt18' (model.name); did you mean resnet18"),
+    (["trainer.resume={missing}"], "error: trainer.resume={missing}: no such file; give a last.pt, or "
+                                   "trainer.resume=auto"),
+    (["+trainer.epoch=3"], "error: unknown key trainer.epoch; did you mean trainer.epochs?"),
+    (["trainer.epoch=3"], "error: unknown key trainer.epoch; did you mean trainer.epochs?"),
+    (["+model.deptj=6"], "error: unknown key model.deptj: not an argument of vit_nano_patch4_16; "
+                         "did you mean model.depth?"),
+    (["model=swin_nano", "+model.depth=2"], "error: unknown key model.depth: not an argument of "
+                                            "swin_nano_patch2_window4_32; did you mean model.depths?"),
+    (["model.depth=6"], "error: unknown key model.depth; an argument of the model's constructor is added with +: "
+                        "+model.depth=..."),
+    (["-m", "optimizer.lr=1e-3,5e-4", "+loss.smoothing=0.1"],
+     "error: unknown key loss.smoothing; did you mean loss.label_smoothing?"),
+]
+
+
+@pytest.fixture(scope="module")
+def before_data_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    """Every CHECKED_BEFORE_DATA command line, with CIFAR-10 asked of an empty folder, in one process."""
+    root = tmp_path_factory.mktemp("before_data")
+    (root / "empty").mkdir()
+    cases = [["data=cifar10", f"data.root={root}/empty", "data.download=false",
+              *(a.format(missing=root / "no.pt") for a in args), f"hydra.run.dir={root}/run{i}",
+              f"hydra.sweep.dir={root}/sweep{i}"] for i, (args, _) in enumerate(CHECKED_BEFORE_DATA)]
+    return root, run_cases("vitrain.train", cases, root)
+
+
+@pytest.mark.parametrize("case", range(len(CHECKED_BEFORE_DATA)),
+                         ids=[" ".join(args) for args, _ in CHECKED_BEFORE_DATA])
+def test_bad_config_is_refused_before_any_data_is_read(case: int, before_data_results: tuple[Path, list[dict]]) -> None:
+    root, results = before_data_results
+    result, expected = results[case], CHECKED_BEFORE_DATA[case][1].format(missing=root / "no.pt")
+    assert result["code"] == 1 and "Traceback" not in result["stderr"]
+    assert result["stderr"].strip().startswith(expected), result["stderr"]  # not "cifar10 not found": no data read
+    assert len(result["stderr"].strip().splitlines()) == 1
+
+
+def test_keys_added_to_the_model_still_reach_its_constructor(tmp_path: Path) -> None:
+    """docs/models.md's ``+model.depth=6``: a constructor argument passes, and the run trains."""
+    result = run_cli([*FAST, "+model.depth=1", "+model.embed_dim=32", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 1
 
 
 @pytest.mark.slow

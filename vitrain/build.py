@@ -26,6 +26,7 @@ from vitrain.loggers import Logger, LoggerConfig, MLflowLogger, MultiLogger, Ten
 from vitrain.models import create_model
 from vitrain.models.config import ModelConfig
 from vitrain.optim import optimizer_and_schedule
+from vitrain.pruning import TrialReporter
 from vitrain.runtime import seed_everything
 from vitrain.trainer import Loaders, Trainer
 
@@ -97,7 +98,9 @@ def build_trainer(cfg: TrainConfig, run_dir: str | Path, world: World, device: t
     loaders = Loaders(train_loader, val_loader, mixup, test_loader)
     trainer_cfg = dataclasses.replace(cfg.trainer, device=str(device))  # this rank's device under torchrun
     metadata = checkpoint_metadata(cfg, splits.class_names, global_batch, world.size)
-    return Trainer(model, optimizer, scheduler, criterion, loaders, trainer_cfg, run_dir, metadata, logger), splits
+    trial = TrialReporter.from_config(cfg.sweep) if world.is_main else None  # a pruned Optuna search's trial
+    return Trainer(model, optimizer, scheduler, criterion, loaders, trainer_cfg, run_dir, metadata, logger,
+                   trial), splits
 
 
 def build_logger(cfg: LoggerConfig, run_dir: Path, world: World) -> Logger:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import secrets
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,17 +24,19 @@ from vitrain.errors import ConfigError, VitrainError, first_line
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically: a temporary file is written, flushed to disk and
-    renamed over the target, so an interrupted save leaves the previous file intact."""
+    """Write ``state`` to ``path`` atomically: a temporary file of this writer's own is written, flushed to
+    disk and renamed over the target, and the folder is flushed too, so an interrupted save leaves the previous
+    file intact and a finished one survives a power cut. A failed write (a full disk, an I/O error, a read-only
+    folder) removes its partial file and raises :class:`CheckpointWriteError`, one line naming the file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(_write_temp(state, path), path)
+    _fsync_folder(path.parent)
     return path
+
+
+class CheckpointWriteError(VitrainError):
+    """A checkpoint could not be written; the files written before are intact."""
 
 
 TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng", "rng_ranks")  # what best.pt leaves out
@@ -41,25 +46,131 @@ def write_checkpoints(state: dict[str, Any], folder: Path, best_val: dict[str, f
                       keep_last: int = 1) -> Path:
     """A run's checkpoints of ``state``: ``last.pt``; ``best.pt`` (the weights without the training state,
     with ``best_val``) when ``best_val`` is given; with ``keep_last`` > 1 also ``step_*.pt``, of which the
-    newest ``keep_last`` stay. Returns the path of last.pt."""
+    newest ``keep_last`` stay. Returns the path of last.pt.
+
+    Every file is written to a temporary file first; only when all of them are complete are they renamed, last.pt
+    first. So a failed write changes nothing, and best.pt is never newer than last.pt."""
+    files = [(state, folder / "last.pt")]
     if best_val is not None:
         weights = {k: v for k, v in state.items() if k not in TRAINING_STATE}
-        save_checkpoint({**weights, "val": best_val}, folder / "best.pt")  # for inference, fine-tuning
-    last = save_checkpoint(state, folder / "last.pt")
+        files.append(({**weights, "val": best_val}, folder / "best.pt"))  # for inference, fine-tuning
     if keep_last > 1:
-        save_checkpoint(state, folder / f"step_{state['step']:08d}.pt")
-        for old in sorted(folder.glob("step_*.pt"))[:-keep_last]:
-            old.unlink()
-    return last
+        files.append((state, folder / f"step_{state['step']:08d}.pt"))
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[Path, Path]] = []
+    try:
+        for content, path in files:
+            written.append((_write_temp(content, path), path))
+    except BaseException:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in written:
+        os.replace(tmp, path)
+    _fsync_folder(folder)
+    for old in sorted(folder.glob("step_*.pt"))[:-keep_last] if keep_last > 1 else []:
+        old.unlink()
+    return folder / "last.pt"
+
+
+def write_text(text: str, path: Path) -> None:
+    """Write a small text file (``metrics.json``) atomically, as :func:`save_checkpoint` does."""
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(_write_failure(path, e)) from e
+    os.replace(tmp, path)
+    _fsync_folder(path.parent)
+
+
+def _temp_name(path: Path) -> Path:
+    """A temporary name beside ``path`` that no other writer uses: ``<name>.<pid>-<random>.tmp``."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _write_temp(state: dict[str, Any], path: Path) -> Path:
+    """``state`` written and flushed to a temporary file beside ``path``; on failure, no file is left."""
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        raise CheckpointWriteError(_write_failure(path, cause)) from e
+    return tmp
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError behind ``error`` (torch.save wraps the file's own error in RuntimeErrors), or None."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _write_failure(path: Path, error: OSError) -> str:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    reason = error.strerror or type(error).__name__
+    return (f"cannot write {path}: {reason} ({free}); nothing was replaced and the partial file was removed; "
+            f"free space, or make the folder writable, or set hydra.run.dir to another disk, and resume")
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (the renames in it) to disk; where folders cannot be opened, nothing."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_TEMP = re.compile(r"\.(\d+)-[0-9a-f]+\.tmp$")
 
 
 def remove_partial_saves(folder: Path) -> list[Path]:
-    """Delete the ``*.tmp`` files that a save killed mid-write (SIGKILL, power loss) left in ``folder``; the
-    complete checkpoints beside them are never touched. Returns the files removed."""
-    leftovers = sorted(folder.glob("*.tmp")) if folder.is_dir() else []
-    for path in leftovers:
+    """Delete the temporary files that a killed save (SIGKILL, power loss) left in ``folder``: those whose
+    writer is no longer running (and the single-name ``last.pt.tmp`` of earlier versions). A save still in progress in
+    another process, and the complete checkpoints, are never touched. Returns the files removed."""
+    leftovers = []
+    for path in sorted(folder.glob("*.tmp")) if folder.is_dir() else []:
+        match = _TEMP.search(path.name)
+        if match and _running(int(match.group(1))):
+            continue
         path.unlink(missing_ok=True)
+        leftovers.append(path)
     return leftovers
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is not saving now: what it left is from an earlier, failed save
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

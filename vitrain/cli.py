@@ -8,10 +8,14 @@ number (143, 130), as a shell reports a process stopped by that signal.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import re
 import sys
+import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf.errors import MissingMandatoryValue
@@ -77,3 +81,58 @@ def _option_names(value: Any) -> list[str]:
         return [value]
     items = getattr(value, "list", value)
     return [name for item in items for name in _option_names(item)] if isinstance(items, list) else []
+
+
+def check_override_keys(args: Sequence[str], schema: type, config_dir: Path) -> None:
+    """Before Hydra composes: a key of ``args`` (the command line) that the dataclass ``schema`` lacks, even one
+    added with ``+``, ends the command in one line naming the nearest keys (Hydra's own error spans many lines and
+    names none). Hydra's keys (``hydra.*``, ``hydra/...``) and group choices (``model=swin``, ``experiment=...``)
+    pass untouched, and so does a key added with ``+`` to a schema that has ``extra_keys`` (``+model.depth=6``:
+    checked against the model once the config is composed)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(
+            [a for a in args if not a.startswith("-") and ("=" in a or a.startswith("~"))])  # not flags, their values
+    except Exception:  # malformed: Hydra says so itself
+        return
+    groups = sorted(p.name for p in config_dir.iterdir() if p.is_dir() and p.name != "hydra")
+    for override in overrides:
+        key = override.key_or_group
+        if re.split(r"[./]", key)[0] == "hydra" or (config_dir / key).is_dir():
+            continue
+        message = _unknown_key(schema, key, override.is_add() or override.is_force_add(), groups)
+        if message:
+            fail(message)
+
+
+def unknown_key(key: str, known: Sequence[str]) -> str:
+    """``unknown key KEY; did you mean ...?``: the names in ``known`` (the keys beside ``key``'s last part) closest
+    to it, or all of them when none is close."""
+    prefix, _, name = key.rpartition(".")
+    close = difflib.get_close_matches(name, list(known), n=3)
+    full = [f"{prefix}.{k}" if prefix else k for k in (close or known)]
+    return f"unknown key {key}; " + (f"did you mean {', '.join(full)}?" if close else f"choose from {', '.join(full)}")
+
+
+def _unknown_key(schema: type, key: str, added: bool, groups: Sequence[str]) -> str | None:
+    """The one-line error for ``key`` (dotted) if the dataclass ``schema`` has no such key, through nested
+    dataclasses; below a key of another type (a list, ``Any``) Hydra checks what it gets."""
+    node, parts = schema, key.split(".")
+    for depth, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            extra = getattr(node, "extra_keys", None)  # what a key beyond the schema's is, where it may have one
+            if extra is not None and (added or not difflib.get_close_matches(part, list(fields))):
+                return None if added else f"unknown key {key}; {extra} is added with +: +{key}=..."
+            return unknown_key(key, list(dict.fromkeys([*fields, *groups])) if depth == 0 else list(fields))
+        node = _dataclass_type(typing.get_type_hints(node)[part])
+        if node is None:
+            return None
+    return None
+
+
+def _dataclass_type(hint: Any) -> type | None:
+    """The dataclass of a field's type hint (``X`` or ``X | None``), or None for any other type."""
+    options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    return options[0] if len(options) == 1 and dataclasses.is_dataclass(options[0]) else None

@@ -12,6 +12,8 @@ objects, which checks every value (``__post_init__``) before anything is built o
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from vitrain.cli import fail
+from vitrain.cli import fail, unknown_key
 from vitrain.data.config import DataConfig
 from vitrain.distill import DistillConfig
 from vitrain.distributed import broadcast_object, init_distributed, torchrun_world
@@ -32,9 +34,12 @@ from vitrain.loggers import LoggerConfig
 from vitrain.losses import LossConfig
 from vitrain.models.config import ModelConfig
 from vitrain.optim import OptimizerConfig, SchedulerConfig
+from vitrain.pruning import SweepConfig
 from vitrain.trainer import TrainerConfig
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+DEFAULT_WARMUP_EPOCHS = 2.0  # configs/scheduler/cosine.yaml's warmup (the default schedule)
 
 _PACKAGED = Path(__file__).resolve().parent / "configs"  # inside an installed wheel
 _SOURCE = Path(__file__).resolve().parent.parent / "configs"  # in a source checkout
@@ -53,12 +58,36 @@ class TrainConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # set by hparams_search=optuna's sweeper, for pruning
     seed: int = 0  # seeds Python, NumPy and torch, and fixes the order of the training batches
 
     def __post_init__(self) -> None:
+        """The checks across groups, and those that need the keys added from the shell (``+model.depth=6``: OmegaConf
+        sets them on the group's object before this one is made)."""
+        if not 0 <= self.seed <= 2**32 - 1:  # NumPy's seed range (seed_everything seeds NumPy with it)
+            raise ConfigError(f"seed must be in [0, 2**32 - 1] (NumPy's range), got {self.seed}")
+        self.model.check_architecture()
+        self._check_warmup()
         if self.model.lora.rank > 0 and self.trainer.freeze_backbone:  # it would freeze the adapters too
             raise ConfigError("model.lora.rank > 0 trains only the adapters and the head already; "
                               "set trainer.freeze_backbone=false")
+        resume = self.trainer.resume
+        if resume and resume != "auto" and not Path(resume).is_file():  # find_resume_checkpoint's check, before data
+            raise ConfigError(f"trainer.resume={resume}: no such file; give a last.pt, or trainer.resume=auto")
+
+
+    def _check_warmup(self) -> None:
+        """A warmup as long as the run never reaches ``optimizer.lr``: refused when it was chosen (a recipe, the
+        command line); the group's default 2 epochs in a shorter run (a 1-epoch smoke test) is only warned of."""
+        warmup, epochs = self.scheduler.warmup_epochs, self.trainer.epochs
+        if warmup < epochs:
+            return
+        if warmup != DEFAULT_WARMUP_EPOCHS:
+            raise ConfigError(f"scheduler.warmup_epochs={warmup:g} must be shorter than trainer.epochs={epochs}; "
+                              f"lower it (0: no warmup) or train longer")
+        log.warning("the default warmup of scheduler.warmup_epochs=%g is as long as this %d-epoch run: the learning "
+                    "rate never reaches optimizer.lr; set scheduler.warmup_epochs=0 (or less than %d)", warmup,
+                    epochs, epochs)
 
 
 @dataclass
@@ -152,7 +181,7 @@ def to_config(cfg: DictConfig | T, schema: type[T] = TrainConfig) -> T:
         _add_extra_keys(base, node)  # keys added from the shell (+model.depth=2) stay, as in a composed config
         cfg = OmegaConf.merge(base, node)
     try:
-        return OmegaConf.to_object(cfg)
+        obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:  # ${required:...}: the resolver's own one-line error, if that is the cause
         cause: BaseException | None = e
         while cause is not None and not isinstance(cause, VitrainError):
@@ -160,6 +189,20 @@ def to_config(cfg: DictConfig | T, schema: type[T] = TrainConfig) -> T:
         if cause is None:
             raise
         raise cause from None
+    _refuse_unknown_keys(obj)
+    return obj
+
+
+def _refuse_unknown_keys(obj: Any, prefix: str = "") -> None:
+    """A key the schema lacks, added from the shell with ``+`` (``+trainer.epoch=3``, which OmegaConf sets as an
+    attribute), is refused by name; a schema with ``extra_keys`` (``ModelConfig``) checks its own."""
+    known = [f.name for f in dataclasses.fields(obj)]
+    unknown = [k for k in vars(obj) if k not in known]
+    if unknown and not hasattr(obj, "extra_keys"):
+        raise ConfigError(unknown_key(prefix + unknown[0], known))
+    for name in known:
+        if dataclasses.is_dataclass(getattr(obj, name)):
+            _refuse_unknown_keys(getattr(obj, name), f"{prefix}{name}.")
 
 
 def _add_extra_keys(base: DictConfig, node: DictConfig) -> None:
@@ -208,6 +251,26 @@ class CheckOutputFolder(Callback):
             ensure_writable(path, key)
         except VitrainError as e:  # Hydra would print a traceback: one line, and stop
             fail(str(e))
+
+
+class LockRunFolder(Callback):
+    """Hydra callback: take the run folder's lock (:mod:`vitrain.runfolder`) before Hydra writes ``.hydra/`` and
+    the log into it, so that a second run into a folder in use is refused before it touches anything there.
+    Under torchrun, rank 0 holds it. Given back at the end of the run, or by the kernel when the process dies."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        from vitrain import runfolder
+
+        if torchrun_world().rank == 0:
+            try:
+                runfolder.acquire(config.hydra.run.dir)
+            except VitrainError as e:
+                fail(str(e))
+
+    def on_run_end(self, config: Any, **kwargs: Any) -> None:
+        from vitrain import runfolder
+
+        runfolder.release(config.hydra.run.dir)
 
 
 class TorchrunRunFolder(Callback):

@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import threading
 
 import numpy as np
 import torch
 from torch import nn
 
 from vitrain.errors import ConfigError
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal=USR1@T warning
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A data loader worker's ``worker_init_fn``: SIGTERM, SIGINT and SIGUSR1 are the main process's to act on.
+
+    Schedulers (SLURM, ``timeout``, a terminal's Ctrl-C) signal the whole process group: a worker killed first
+    would make the main process fail before it saves. So a worker ignores SIGINT and SIGUSR1, and a SIGTERM from
+    anyone but its parent; the parent's own SIGTERM (how PyTorch and ``multiprocessing`` end workers at exit)
+    still ends it, with a clean exit. SIGTERM is blocked and read by a thread (``sigwaitinfo`` says who sent it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_end_on_parents_sigterm, args=(os.getppid(),), name="sigterm", daemon=True).start()
+
+
+def _end_on_parents_sigterm(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass  # the process group's signal: the main process saves, then ends this worker
+    os._exit(0)  # asked to end by the parent: a clean exit (PyTorch reports workers killed by a signal as failed)
+
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -12,20 +12,25 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from vitrain import runfolder
 from vitrain.build import build_trainer
-from vitrain.checkpoint import (
-    check_resume_position,
-    find_resume_checkpoint,
-    load_checkpoint,
-    remove_partial_saves,
-)
-from vitrain.cli import check_group_choice, run_command
+from vitrain.checkpoint import remove_partial_saves
+from vitrain.cli import check_group_choice, check_override_keys, run_command
 from vitrain.config import CONFIG_DIR, TrainConfig, ensure_writable, to_config
-from vitrain.distributed import barrier, broadcast_object, close_distributed, init_distributed, launcher, torchrun_world
+from vitrain.distributed import (
+    World,
+    barrier,
+    close_distributed,
+    init_distributed,
+    launcher,
+    torchrun_world,
+)
 from vitrain.errors import Preempted
+from vitrain.pruning import PRUNED
 from vitrain.runtime import seed_everything
 
 log = logging.getLogger(__name__)
@@ -36,18 +41,18 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, Any]:
     rank's part of it (rank 0 writes the outputs). Every value is checked before any data is read."""
     cfg, run_dir = to_config(cfg), Path(run_dir)
     world, device = init_distributed(cfg.trainer.device, cfg.trainer.dist_backend)
+    with runfolder.locked(run_dir, enabled=world.is_main):  # one run per folder; rank 0 holds the lock
+        return _train(cfg, run_dir, world, device)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, world: World, device: torch.device) -> dict[str, Any]:
     if world.is_main:
         ensure_writable(run_dir / "checkpoints", "hydra.run.dir")
         for leftover in remove_partial_saves(run_dir / "checkpoints"):
             log.warning("removed %s, left by a save that was killed mid-write", leftover)
     seed_everything(cfg.seed)
     trainer, splits = build_trainer(cfg, run_dir, world, device)
-    resume_from = broadcast_object(find_resume_checkpoint(cfg.trainer.resume, run_dir))  # rank 0's; all load it
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, map_location=device)
-        check_resume_position(state, cfg.data.batch_size * world.size)
-        trainer.load_state_dict(state)
-        log.info("resumed from %s at epoch %d, step %d", resume_from, trainer.state.epoch + 1, trainer.state.step)
+    trainer.resume(cfg.trainer.resume, cfg.data.batch_size * world.size)
     log.info("training on %s%s for %d epochs; writing to %s", trainer.device,
              f" x {world.size} processes" if world.size > 1 else "", cfg.trainer.epochs, run_dir)
     metrics = trainer.fit()
@@ -67,7 +72,7 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def hydra_main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float | str:
     """The Hydra app; returns the final top-1 so that sweepers can optimise it. Exit codes: 1 for a user
     error (one line on stderr), 143 after SIGTERM and 130 after SIGINT (the checkpoint is written first, and
     the command that resumes is printed)."""
@@ -79,8 +84,9 @@ def hydra_main(cfg: DictConfig) -> float:
             print(f"{e}\nresume with: {launcher()} -m vitrain.train {overrides} hydra.run.dir={run_dir} "
                   f"trainer.resume=auto", file=sys.stderr)
 
-    def run() -> float:
-        top1 = train(cfg, run_dir)["final_top1"]
+    def run() -> float | str:
+        metrics = train(cfg, run_dir)
+        top1 = PRUNED if metrics["state"] == "pruned" else metrics["final_top1"]  # what the sweeper records
         barrier()  # every rank done before any leaves the group: gloo aborts a rank whose peer is already gone
         return top1
 
@@ -91,9 +97,10 @@ def hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    """``python -m vitrain.train``: an unknown logger is refused in one line (Hydra's own error spans many), then
-    the Hydra app runs."""
+    """``python -m vitrain.train``: an unknown logger or config key is refused in one line (Hydra's own errors span
+    many, and suggest no key), then the Hydra app runs."""
     check_group_choice(sys.argv[1:], "logger", sorted(p.stem for p in (CONFIG_DIR / "logger").glob("*.yaml")))
+    check_override_keys(sys.argv[1:], TrainConfig, CONFIG_DIR)
     hydra_main()
 
 

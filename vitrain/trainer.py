@@ -2,7 +2,8 @@
 
 batch -> autocast forward -> loss(inputs, outputs, labels) -> backward -> clip -> step -> schedule -> log
 -> checkpoint, with evaluation after every epoch. :class:`TrainerConfig` is the schema of the ``trainer``
-config group; the guards (NaN/inf, stop signals) are in :mod:`vitrain.guards`, the checkpoint files in
+config group; the guards (NaN/inf, stop signals) are in :mod:`vitrain.guards`, what a checkpoint holds in
+:mod:`vitrain.run_state`, the checkpoint files in
 :mod:`vitrain.checkpoint`, what is logged and when in :mod:`vitrain.tracking` (to :mod:`vitrain.loggers`).
 """
 
@@ -10,28 +11,29 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
-from vitrain import __version__, distributed
-from vitrain.checkpoint import rng_state, set_rng_state, write_checkpoints
+from vitrain import distributed
+from vitrain.checkpoint import set_rng_state, write_text
 from vitrain.distributed import BACKENDS, resolve_device
 from vitrain.errors import ConfigError, Preempted
 from vitrain.guards import NonFiniteGuard, StopSignals
 from vitrain.loggers import Logger
 from vitrain.metrics import LossWindow, gradient_norm, score
 from vitrain.optim import set_backbone_trainable
+from vitrain.pruning import NoPruning
+from vitrain.run_state import SavesState, TrainState
 from vitrain.runtime import PRECISIONS, autocast_dtype, use_channels_last
 from vitrain.tracking import RunLog, default_logger, skipped_samples
 
@@ -65,6 +67,8 @@ class TrainerConfig:
     checkpoint_every_steps: int | None = None  # also write last.pt every N optimizer steps; null: at epoch ends
     keep_last: int = 1  # with > 1, also keep the N newest numbered checkpoints (checkpoints/step_*.pt)
     skip_nonfinite: bool = False  # skip batches whose loss is NaN/inf (counted) instead of stopping
+    max_skipped_fraction: float = 0.05  # with skip_nonfinite: stop when more of an epoch's batches (at least 1) are
+    #   skipped
     debug: bool = False  # show full tracebacks instead of one-line errors
 
     def __post_init__(self) -> None:
@@ -87,6 +91,8 @@ class TrainerConfig:
         if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
             raise ConfigError(f"trainer.checkpoint_every_steps must be at least 1 (or null), "
                               f"got {self.checkpoint_every_steps}")
+        if not 0 <= self.max_skipped_fraction < 1:
+            raise ConfigError(f"trainer.max_skipped_fraction must be in [0, 1), got {self.max_skipped_fraction}")
         if self.unfreeze_after_epochs is not None and self.unfreeze_after_epochs < 0:
             raise ConfigError(f"trainer.unfreeze_after_epochs must be >= 0 (or null), got {self.unfreeze_after_epochs}")
 
@@ -103,21 +109,7 @@ class Loaders:
     test: Iterable[Batch] | None = None
 
 
-@dataclass
-class TrainState:
-    """Where training stands; all of it goes into every checkpoint, so that a run continues exactly."""
-
-    epoch: int = 0
-    batch_in_epoch: int = 0  # batches of the current epoch already trained (> 0: saved inside an epoch)
-    step: int = 0  # optimizer steps so far
-    best_top1: float = float("-inf")
-    history: list[dict[str, float]] = field(default_factory=list)
-    train_time: float = 0.0
-    train_images: int = 0
-    skipped_nonfinite: int = 0
-
-
-class Trainer:
+class Trainer(SavesState):
     """Trains ``model`` as ``config`` says and writes checkpoints and ``metrics.json`` under ``run_dir``;
     ``metadata`` (model spec, preprocessing, class names, the run config, ...) goes into every checkpoint. It logs
     through ``logger`` (default: TensorBoard in ``<run_dir>/tb``).
@@ -127,7 +119,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, criterion: nn.Module,
                  loaders: Loaders, config: TrainerConfig, run_dir: str | Path,
-                 metadata: dict[str, Any] | None = None, logger: Logger | None = None) -> None:
+                 metadata: dict[str, Any] | None = None, logger: Logger | None = None,
+                 trial: Any = None) -> None:
         self.config, self.loaders, self.metadata = config, loaders, metadata or {}
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device = resolve_device(config.device)
@@ -144,9 +137,11 @@ class Trainer:
         self.run_dir, self.is_main = Path(run_dir), distributed.is_main()
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.logger = logger if logger is not None else default_logger(self.run_dir, self.is_main)
+        self.trial = trial if trial is not None else NoPruning()  # a pruned search's trial: reports every epoch
         self.run_log = RunLog(self.logger, config.epochs, config.histograms_every, config.image_grid, self.metadata)
         self.state = TrainState()
-        self.guard, self.stop = NonFiniteGuard(self.ckpt_dir / "last.pt"), StopSignals()
+        self.guard = NonFiniteGuard(self.ckpt_dir / "last.pt", config.max_skipped_fraction)
+        self.stop = StopSignals()
         self._resumed_rng: dict[str, Any] | None = None
         self._best_weights: dict[str, torch.Tensor] | None = None
 
@@ -178,17 +173,20 @@ class Trainer:
             for epoch in range(s.epoch, self.config.epochs):
                 s.epoch = epoch
                 self._run_epoch(epoch)
+                if s.pruned:
+                    break
         metrics = {"best_top1": s.best_top1, "final_top1": s.history[-1]["val_top1"],
                    "final_val_loss": s.history[-1]["val_loss"], "epochs": self.config.epochs, "steps": s.step,
                    "train_images_per_sec": s.train_images / max(s.train_time, 1e-9),
                    "wall_time_sec": time.perf_counter() - start, "skipped_nonfinite": s.skipped_nonfinite,
+                   "epochs_trained": len(s.history), "state": "pruned" if s.pruned else "complete",
                    "history": s.history}
         if self.ema is not None:
             metrics["final_top1_ema"] = s.history[-1]["val_top1_ema"]
         metrics["val_top1"] = metrics["final_top1"]  # final_top1 and best_top1 are validation figures too
-        metrics["test_top1"] = self.test_best() if self.loaders.test is not None else None
+        metrics["test_top1"] = self.test_best() if self.loaders.test is not None and not s.pruned else None
         if self.is_main:
-            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            write_text(json.dumps(metrics, indent=2), self.run_dir / "metrics.json")
         self.run_log.end(metrics, s.step, [self.run_dir / "metrics.json"], self.ckpt_dir / "best.pt")
         return metrics
 
@@ -201,6 +199,7 @@ class Trainer:
         self.state.train_time += epoch_time
         self.state.train_images += seen
         val = self.evaluate()
+        self.guard.check_validation(val["loss"], epoch, self.state.skipped_nonfinite)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"], "val_top1": val["top1"],
                "images_per_sec": seen / epoch_time, **skipped_samples(self.loaders.train)}
         if self.ema is not None:
@@ -209,8 +208,16 @@ class Trainer:
             row["teacher_time_share"] = (self.criterion.teacher_seconds - teacher0) / epoch_time
         self.state.history.append(row)
         self._log_epoch(row)
-        self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
-        self._save(val)
+        self.state.next_epoch()
+        path = self._save(val)
+        if stop := self.stop.received():  # a signal during the epoch's last step or its validation
+            self._preempt(stop, path)
+        self.state.pruned = self._report_trial(epoch, val["top1"])
+
+    def _report_trial(self, epoch: int, top1: float) -> bool:
+        """A trial of a pruned Optuna search reports its validation top-1 (rank 0); the study's pruner may stop it
+        at this epoch's end, on every rank."""
+        return bool(distributed.broadcast_object(self.trial.report(epoch, top1) if self.is_main else False))
 
     def train_one_epoch(self, epoch: int) -> tuple[float, int]:
         """One pass over the training set; returns (mean train loss, images seen by all ranks).
@@ -219,8 +226,10 @@ class Trainer:
         ``accum_steps``) before one optimizer step, which then equals one step on the joined batch."""
         cfg, s = self.config, self.state
         first, bar = s.batch_in_epoch, self._epoch_batches(epoch)  # first > 0: resumed inside this epoch
+        if bar is None:  # saved after the epoch's last batch: its training is done, its validation is not
+            return s.epoch_loss / max(1, first), 0
         batches = bar.total
-        epoch_loss, window = torch.zeros((), device=self.device), LossWindow(self.device)
+        epoch_loss, window = torch.full((), s.epoch_loss, device=self.device), LossWindow(self.device)
         seen = 0
         self.optimizer.zero_grad(set_to_none=True)
         for i, (images, labels) in enumerate(bar, start=first):
@@ -234,7 +243,7 @@ class Trainer:
             with self._sync_gradients(steps):
                 loss, outputs = self.forward_loss(images, labels)
                 if cfg.skip_nonfinite and self.guard.is_bad(loss):
-                    self._skip_batch(epoch, i)
+                    self._skip_batch(epoch, i, batches)
                     continue
                 self.guard.record(loss, s.step + 1, epoch, i)
                 weight = distributed.last_batch_weight(labels.shape[0], self.device) if i + 1 == batches else 1.0
@@ -249,19 +258,23 @@ class Trainer:
                 self.guard.check()
                 epoch_loss += window.total
                 self.run_log.step(s.step, *window.pop(), grad_norm, self.learning_rates(), bar)
-            self._checkpoint_mid_epoch()
+            self._checkpoint_mid_epoch(epoch_loss + window.total)
         self.guard.check()
         epoch_loss += window.total
         seen = int(distributed.all_reduce_sum(torch.tensor(seen)).item())  # images of all ranks
-        return distributed.all_reduce_mean(epoch_loss).item() / max(1, batches - first), seen
+        return distributed.all_reduce_mean(epoch_loss).item() / max(1, batches), seen
 
-    def _epoch_batches(self, epoch: int) -> tqdm:
+    def _epoch_batches(self, epoch: int) -> tqdm | None:
         """The epoch's batches from ``state.batch_in_epoch`` on, in a progress bar whose ``total`` is the
-        epoch's batch count; after a resume, the random generators as they were after the saved step."""
+        epoch's batch count; after a resume, the random generators as they were after the saved step. None when
+        the checkpoint was saved after the epoch's last batch."""
         self.model.train()
         first, loader = self.state.batch_in_epoch, self.loaders.train
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+            if first and first >= len(loader):
+                return None
             sampler.set_epoch(epoch, start=first * loader.batch_size)
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", leave=False, dynamic_ncols=True,
                    disable=not (self.config.progress and self.is_main), initial=first, total=first + len(loader))
@@ -304,24 +317,32 @@ class Trainer:
             if distributed.world_size() > 1:  # DDP reduces only the parameters trainable when it wrapped
                 self._build_train_model()
 
-    def _skip_batch(self, epoch: int, batch: int) -> None:
-        """``trainer.skip_nonfinite``: drop a batch whose loss is NaN/inf before it reaches the weights."""
+    def _skip_batch(self, epoch: int, batch: int, batches: int) -> None:
+        """``trainer.skip_nonfinite``: drop a batch whose loss is NaN/inf before it reaches the weights; past
+        ``trainer.max_skipped_fraction`` of the epoch's batches, stop."""
         self.state.skipped_nonfinite += 1
+        self.state.skipped_in_epoch += 1
+        self.guard.check_skipped(self.state.skipped_in_epoch, batches, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         self.logger.log_scalars({"train/skipped_nonfinite": self.state.skipped_nonfinite}, self.state.step)
         log.warning("non-finite loss at epoch %d batch %d: batch skipped (%d so far)", epoch + 1, batch + 1,
                     self.state.skipped_nonfinite)
 
-    def _checkpoint_mid_epoch(self) -> None:
-        """Every ``checkpoint_every_steps`` steps, and when a stop signal came: save where we are."""
+    def _checkpoint_mid_epoch(self, epoch_loss: torch.Tensor) -> None:
+        """Every ``checkpoint_every_steps`` steps, and when a stop signal came: save where we are (with the
+        epoch's loss so far, so that a resumed epoch reports the same mean)."""
         every, stop = self.config.checkpoint_every_steps, self.stop.received()  # every rank stops after one step
         if not stop and not (every and self.state.step % every == 0):
             return
         self.guard.check()
+        self.state.epoch_loss = distributed.all_reduce_mean(epoch_loss).item()
         path = self._save()
         if stop:
-            distributed.barrier()  # the other ranks exit once rank 0 has written the checkpoint
-            raise Preempted(stop, self.state.step, path)
+            self._preempt(stop, path)
+
+    def _preempt(self, signum: int, checkpoint: Path) -> NoReturn:
+        distributed.barrier()  # the other ranks exit once rank 0 has written the checkpoint
+        raise Preempted(signum, self.state.step, checkpoint)
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, Any]:
         """:func:`vitrain.metrics.score` of ``model`` (default: the trained one) on the validation set."""
@@ -355,45 +376,3 @@ class Trainer:
         log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_top1 %.2f%%  %.0f img/s%s  eta %s",
                  row["epoch"], self.config.epochs, row["train_loss"], row["val_loss"], row["val_top1"],
                  row["images_per_sec"], extra, self.run_log.eta(row["epoch"]))
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: weights, optimizer, schedule, scaler, EMA, the
-        :class:`TrainState` and the random generators, with the metadata."""
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                 **dataclasses.asdict(self.state), "rng": rng_state(), "vitrain_version": __version__,
-                 "logger": self.logger.state_dict(), **self.metadata}
-        if self.ema is not None:
-            state["model_ema"] = self.ema.module.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a checkpoint written by :meth:`state_dict`."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and "model_ema" in state:
-            self.ema.module.load_state_dict(state["model_ema"])
-        known = {f.name for f in dataclasses.fields(TrainState)}
-        self.state = TrainState(**{k: v for k, v in state.items() if k in known})
-        self.state.history = list(self.state.history)
-        self._resumed_rng = distributed.own_entry(state.get("rng_ranks"), state["rng"])
-        self.logger.load_state_dict(state.get("logger", {}))  # the tracked run to continue (MLflow, W&B)
-
-    def _save(self, val: dict[str, Any] | None = None) -> Path:
-        """Write ``last.pt`` (and ``best.pt`` when ``val`` is a new best); with ``keep_last`` > 1, also
-        keep that many numbered checkpoints. Returns the path written."""
-        best = val is not None and val["top1"] > self.state.best_top1
-        if best:
-            self.state.best_top1 = val["top1"]
-            if self.loaders.test is not None:  # for the test set at the end, without a file read on every rank
-                self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        state = self.state_dict()
-        if distributed.world_size() > 1:  # each rank's generators, for an exact resume on as many ranks
-            state["rng_ranks"] = distributed.gather_objects(state["rng"])
-        if not self.is_main:  # the ranks hold the same weights: rank 0 writes them
-            return self.ckpt_dir / "last.pt"
-        scores = {k: val[k] for k in ("loss", "top1", "top5")} if best else None
-        return write_checkpoints(state, self.ckpt_dir, scores, self.config.keep_last)
-

@@ -23,10 +23,11 @@ from vitrain.data.datasets import DataSplits, keep_classes, load_cifar, load_dig
 from vitrain.data.gpu import gpu_eval_loader, gpu_loaders, resolve_pipeline
 from vitrain.data.samplers import EpochSampler, ShardedEpochSampler, ShardSampler, build_samplers, eval_sampler
 from vitrain.data.shards import ShardLoader, ShardStream, open_shards
-from vitrain.data.sources import load_filelist, load_hf
+from vitrain.data.sources import count_skipped, load_filelist, load_hf
 from vitrain.data.transforms import build_transforms
 from vitrain.distributed import World
 from vitrain.errors import ConfigError, DataError
+from vitrain.runtime import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,12 @@ def _load(cfg: DataConfig) -> tuple[Dataset, Dataset | None, list[str]]:
         return load_digits(cfg.test_fraction, cfg.split_seed)
     if cfg.name in ("cifar10", "cifar100"):
         return load_cifar(cfg.name, _need_root(cfg.name, cfg.root), cfg.download)
+    reading = dict(skip_corrupt=cfg.skip_corrupt, max_pixels=cfg.max_image_pixels)
     if cfg.name == "filelist":
-        return load_filelist(cfg.train_list, cfg.val_list)
+        return load_filelist(cfg.train_list, cfg.val_list, **reading)
     if cfg.name == "hf":
-        return load_hf(cfg.path, cfg.train_split, cfg.val_split, cfg.image_column, cfg.label_column)
-    return load_imagefolder(_need_root(cfg.name, cfg.root))
+        return load_hf(cfg.path, cfg.train_split, cfg.val_split, cfg.image_column, cfg.label_column, **reading)
+    return load_imagefolder(_need_root(cfg.name, cfg.root), **reading)
 
 
 def _shard_splits(cfg: DataConfig, img_size: int) -> DataSplits:
@@ -175,10 +177,11 @@ def cpu_loaders(
     generator, so making an iterator leaves the global RNG alone; the workers' augmentation seeds
     differ between ranks. ``repeats``: repeated augmentation (:class:`EpochSampler`)."""
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                  persistent_workers=num_workers > 0)
+                  persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
     train_sampler, _ = build_samplers(splits, batch_size, seed, drop_last, rank, world_size, repeats)
     train = DataLoader(splits.train, sampler=train_sampler, generator=torch.Generator().manual_seed(seed + rank),
                        drop_last=drop_last, **common)
+    train = count_skipped(train)  # data.skip_corrupt: the unreadable files replaced, for the epoch's row
     return train, cpu_eval_loader(splits.val, batch_size, num_workers, pin_memory, rank, world_size, seed)
 
 
@@ -191,7 +194,7 @@ def cpu_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, pin
         return ShardLoader(dataset, batch_size, num_workers, seed, rank, world_size, pin_memory=pin_memory)
     return DataLoader(dataset, batch_size=batch_size, sampler=eval_sampler(len(dataset), rank, world_size),
                       shuffle=False, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals)
 
 
 def build_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device: torch.device, seed: int,

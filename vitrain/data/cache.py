@@ -17,6 +17,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +34,7 @@ from vitrain.data.datasets import DataSplits, open_rgb
 from vitrain.data.gpu import DeviceLoader, GpuAugment, batch_augments, check_batched
 from vitrain.data.samplers import build_samplers, eval_sampler
 from vitrain.distributed import World, rank0_first
-from vitrain.errors import DataError
+from vitrain.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -134,7 +135,7 @@ def _write(path: Path, files: list[str], side: int, interpolation: str, workers:
 def _fill(array: np.ndarray, decoded: Iterator[np.ndarray | str], total: int, path: Path) -> None:
     for i, image in enumerate(tqdm(decoded, total=total, desc=f"caching {total} images", leave=False)):
         if isinstance(image, str):  # a decode error, as one line
-            raise DataError(f"{image} (building the cache {path.name}); remove or replace the file")
+            raise DataError(f"{image} while building the cache {path.name}; remove or replace the file")
         array[i] = image
 
 
@@ -144,8 +145,13 @@ def _decode_square(job: tuple[str, int, str]) -> np.ndarray | str:
     try:
         image = TF.resize(open_rgb(path), side, InterpolationMode(interpolation))
         return np.asarray(TF.center_crop(image, side), dtype=np.uint8)
-    except (OSError, ValueError) as e:
-        return f"cannot read image {path} ({type(e).__name__})"
+    except (OSError, ValueError) as e:  # open_rgb's DataError (an OSError) names the decoder's error as its cause
+        return f"cannot read image {path} ({_decode_reason(e.__cause__ or e)})"
+
+
+def _decode_reason(error: BaseException) -> str:
+    """The decoder's message without the object reprs PIL puts in it: ``cannot identify image file``."""
+    return re.sub(r"\s*<[^<>]*>", "", first_line(error, 160)).strip() or type(error).__name__
 
 
 def cache_folder(cache_dir: str | None, data_root: Path) -> Path:

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from vitrain.data.sources import MAX_IMAGE_PIXELS
 from vitrain.data.transforms import check_policy
 from vitrain.errors import ConfigError
 
@@ -35,7 +36,11 @@ class DataConfig:
     val_shards: str | None = None  # webdataset: the validation shards
     shuffle_buffer: int = 1000  # webdataset: samples shuffled in a buffer per loader worker (0: shard order only)
     epoch_size: int | None = None  # webdataset: samples in the train shards, for streams without a manifest
-    skip_corrupt: bool = False  # webdataset: skip unreadable samples (counted in TensorBoard) instead of stopping
+    skip_corrupt: bool = False  # webdataset, imagefolder, filelist, hf: skip unreadable samples instead of stopping
+    #   (each replaced by another of its batch, counted in TensorBoard's data/skipped_corrupt); not data.cache or
+    #   data.decode=device, which stop at an unreadable file
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS  # refuse larger images as decompression bombs (PIL's default
+    #   limit, 89,478,485); raise it for genuine huge images, null: no limit
     path: str | None = None  # hf: a save_to_disk folder, parquet file(s), an image folder, or a hub id
     train_split: str = "train"  # hf: the split to train on
     val_split: str | None = None  # hf: the split to validate on; null: validation or test if there is one
@@ -86,6 +91,8 @@ class DataConfig:
             raise ConfigError(f"data.num_workers must be auto or an integer >= 0 (0 loads in the main process), "
                               f"got {self.num_workers}")
         _choice("decode", self.decode, DECODERS)
+        if self.max_image_pixels is not None and self.max_image_pixels <= 0:
+            raise ConfigError(f"data.max_image_pixels must be positive (null: no limit), got {self.max_image_pixels}")
         self._check_sources()
         if self.crop_padding < 0:
             raise ConfigError(f"data.crop_padding must be >= 0 (0 disables), got {self.crop_padding}")
@@ -116,6 +123,8 @@ class DataConfig:
                 raise ConfigError(f"data.{key} is a probability: set it in [0, 1], got {getattr(self, key)}")
         if len(self.mean) != len(self.std):
             raise ConfigError(f"data.mean and data.std need one value per channel each, got {self.mean} and {self.std}")
+        if not all(s > 0 for s in self.std):  # normalization divides by it
+            raise ConfigError(f"data.std must be positive in every channel, got {list(self.std)}")
 
     def _check_sources(self) -> None:
         """The keys each data set needs, and the options only some of them have."""

@@ -7,20 +7,25 @@ subset of its classes.
 
 from __future__ import annotations
 
+import codecs
+import functools
+import logging
 import os
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 
+from vitrain.data.sources import MAX_IMAGE_PIXELS, SkipUnreadable, open_rgb
 from vitrain.errors import DataError, first_line
 
+log = logging.getLogger(__name__)
 Transform = Callable[[torch.Tensor], torch.Tensor] | None
 
 
@@ -73,9 +78,11 @@ def load_cifar(name: str, root: str | Path, download: bool) -> tuple[ArrayDatase
             _download(spec, root, name)
         else:
             raise DataError(_missing_cifar(name, spec, root, "data.download=false"))
-    train = ArrayDataset(*_read_batches(folder, [f for f, _ in spec.train_list]))
-    test = ArrayDataset(*_read_batches(folder, [f for f, _ in spec.test_list]))
-    return train, test, list(_unpickle(folder / spec.meta["filename"])[spec.meta["key"]])
+    names = _read_names(folder / spec.meta["filename"], spec.meta["key"])
+    labels_key = "fine_labels" if name == "cifar100" else "labels"
+    train = ArrayDataset(*_read_batches(folder, [f for f, _ in spec.train_list], labels_key, len(names)))
+    test = ArrayDataset(*_read_batches(folder, [f for f, _ in spec.test_list], labels_key, len(names)))
+    return train, test, names
 
 
 def _download(spec: type, root: Path, name: str) -> None:
@@ -95,35 +102,96 @@ def _missing_cifar(name: str, spec: type, root: Path, reason: str) -> str:
     )
 
 
-def _unpickle(path: Path) -> dict:
+class _Refused(pickle.UnpicklingError):
+    """A pickle asked for a global outside :class:`_CifarUnpickler`'s list."""
+
+
+try:  # the functions numpy pickles its arrays with; numpy 2 moved them from numpy.core to numpy._core
+    from numpy._core import multiarray, numeric
+except ImportError:  # numpy 1.x
+    from numpy.core import multiarray, numeric
+_BUILTINS = (dict, list, tuple, set, frozenset, bytes, bytearray, str, int, float, complex, bool)
+_CIFAR_GLOBALS = {
+    **{(f"{core}.multiarray", f): getattr(multiarray, f) for core in ("numpy.core", "numpy._core")
+       for f in ("_reconstruct", "scalar")},
+    **{(f"{core}.numeric", "_frombuffer"): numeric._frombuffer for core in ("numpy.core", "numpy._core")},
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,  # bytes, as Python 3 pickles them at protocol 2
+    **{(module, t.__name__): t for module in ("builtins", "__builtin__") for t in _BUILTINS},
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads only what a CIFAR python-version file holds (dicts, lists, strings, numbers, numpy arrays): a pickle
+    runs whatever callable it names while loading, so any other global is refused before it is called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise _Refused(f"{module}.{name}")
+        return _CIFAR_GLOBALS[module, name]
+
+
+def _unpickle(path: Path) -> Any:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            return _CifarUnpickler(f, encoding="latin1").load()
+    except _Refused as e:
+        raise DataError(f"refused to read {path}: it calls {e}, which no CIFAR file holds (a pickle runs what it "
+                        f"names); nothing was executed; replace it with the file from the CIFAR archive") from e
     except Exception as e:
         raise DataError(f"cannot read {path}: {type(e).__name__}; the file is corrupt, replace it") from e
 
 
-def _read_batches(folder: Path, files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _read_names(path: Path, key: str) -> list[str]:
+    """The class names of a CIFAR ``batches.meta``/``meta`` file."""
+    meta = _unpickle(path)
+    names = meta.get(key) if isinstance(meta, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str | bytes) for n in names):
+        found = (f"'{key}' as {_describe(names)}" if isinstance(meta, dict) and key in meta
+                 else f"keys {sorted(map(str, meta))}" if isinstance(meta, dict) else _describe(meta))
+        raise DataError(f"{path} is not a CIFAR meta file: expected a dict with '{key}' (a list of class names), "
+                        f"found {found}; replace the file")
+    return [n.decode() if isinstance(n, bytes) else n for n in names]
+
+
+def _read_batches(folder: Path, files: list[str], labels_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     data, labels = [], []
     for f in files:
-        entry = _unpickle(folder / f)
-        data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels += entry["labels"] if "labels" in entry else entry["fine_labels"]
-    return np.concatenate(data).transpose(0, 2, 3, 1), np.asarray(labels)  # (N, 32, 32, 3)
+        images, targets = _check_batch(folder / f, _unpickle(folder / f), labels_key, num_classes)
+        data.append(images.reshape(-1, 3, 32, 32))
+        labels.append(targets)
+    return np.concatenate(data).transpose(0, 2, 3, 1), np.concatenate(labels)  # (N, 32, 32, 3)
 
 
-def open_rgb(path: str | Path, fix: str = "remove or replace the file") -> Image.Image:
-    """An image file as RGB (ImageFolder's loader, and the inputs of predict and visualize), or a one-line
-    DataError naming the file that cannot be read and ending in ``fix``."""
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read image {path} ({type(e).__name__}); {fix}") from e
+def _check_batch(path: Path, entry: Any, labels_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(data, labels) of a CIFAR batch, or a one-line DataError saying what the file holds instead."""
+    expected = f"expected a dict with 'data' (N x 3072 uint8) and '{labels_key}' (N labels in 0..{num_classes - 1})"
+    if not isinstance(entry, dict) or "data" not in entry or labels_key not in entry:
+        found = f"keys {sorted(map(str, entry))}" if isinstance(entry, dict) else _describe(entry)
+        raise DataError(f"{path} is not a CIFAR batch: {expected}, found {found}; replace the file")
+    data, labels = entry["data"], np.asarray(entry[labels_key])
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        problem = f"'data' as {_describe(data)}"
+    elif labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(data):
+        problem = f"'{labels_key}' as {_describe(entry[labels_key])} for {len(data)} images"
+    elif len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        problem = f"'{labels_key}' with values from {labels.min()} to {labels.max()}"
+    else:
+        return data, labels
+    raise DataError(f"{path} is not a CIFAR batch: {expected}, found {problem}; replace the file")
 
 
-class ImageFolder(datasets.ImageFolder):
-    """torchvision's ImageFolder, passing over hidden folders (``.vitrain-cache``, ``.ipynb_checkpoints``)."""
+def _describe(value: Any) -> str:
+    """``a uint8 array (10, 3072)``, ``a list of 9``, ``a str``: what a CIFAR file holds where something else is
+    due."""
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array {tuple(value.shape)}"
+    return f"a {type(value).__name__}" + (f" of {len(value)}" if isinstance(value, list | tuple) else "")
+
+
+class ImageFolder(SkipUnreadable, datasets.ImageFolder):
+    """torchvision's ImageFolder, passing over hidden folders (``.vitrain-cache``, ``.ipynb_checkpoints``), reading
+    each real folder once however symlinks lead to it, and over unreadable files with ``skip_corrupt``."""
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
@@ -131,16 +199,61 @@ class ImageFolder(datasets.ImageFolder):
             raise FileNotFoundError(f"no class folders in {directory}")
         return classes, {name: i for i, name in enumerate(classes)}
 
+    @staticmethod
+    def make_dataset(directory: str, class_to_idx: dict[str, int], extensions: tuple[str, ...] | None = None,
+                     is_valid_file: Callable[[str], bool] | None = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """torchvision's (path, class) samples in its order, walking the class folders with :func:`walk_once`
+        instead of following every symlink (a link back up the tree would list the tree again, endlessly
+        nested, under the wrong class)."""
+        is_valid = is_valid_file or (lambda path: datasets.folder.has_file_allowed_extension(path, extensions))
+        seen = {os.path.realpath(directory)} | {os.path.realpath(os.path.join(directory, c)) for c in class_to_idx}
+        samples, empty = [], []
+        for name in sorted(class_to_idx):
+            before = len(samples)
+            for folder, files in sorted(walk_once(os.path.join(directory, name), seen)):
+                paths = [os.path.join(folder, f) for f in sorted(files)]
+                samples += [(path, class_to_idx[name]) for path in paths if is_valid(path)]
+            empty += [name] if len(samples) == before else []
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
+        return samples
 
-def load_imagefolder(root: str | Path) -> tuple[Dataset, Dataset | None, list[str]]:
+    def read(self, i: int) -> tuple[Any, int]:
+        return datasets.ImageFolder.__getitem__(self, i)
+
+
+def walk_once(top: str, seen: set[str]) -> Iterator[tuple[str, list[str]]]:
+    """(folder, file names) under ``top``, following symlinked folders into each real folder once: a folder whose
+    real path is in ``seen`` (walked already, or a class folder) or is above the one linking to it (a loop) is
+    passed over with a warning. ``seen`` gains the folders walked."""
+    for folder, subfolders, files in os.walk(top, followlinks=True):
+        here = os.path.realpath(folder)
+        subfolders.sort()  # which of two links to one folder is walked: the first in name order
+        for sub in list(subfolders):
+            path = os.path.join(folder, sub)
+            real = os.path.realpath(path)
+            loop = os.path.commonpath([here, real]) == real
+            if loop or real in seen:
+                log.warning("image folder: passing over %s -> %s (%s)", path, real,
+                            "a link back up the tree: a loop" if loop else "that folder is read already")
+                subfolders.remove(sub)
+            else:
+                seen.add(real)
+        yield folder, files
+
+
+def load_imagefolder(root: str | Path, skip_corrupt: bool = False,
+                     max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[Dataset, Dataset | None, list[str]]:
     """A user's images as ``<root>/train/<class>/*`` and ``<root>/val/<class>/*`` (torchvision ImageFolder), or,
     without ``train/``, one folder ``<root>/<class>/*`` (no validation split: ``data.val_fraction`` holds one
-    out)."""
+    out). ``skip_corrupt``: pass over unreadable images; ``max_pixels``: refuse larger images (None: no limit)."""
     root = Path(root).expanduser().resolve()
     if not (root / "train").is_dir() and root.is_dir():
-        single = _open_folder(root, root, "<class_name>/<image files> or train/ and val/")
+        single = _open_folder(root, root, "<class_name>/<image files> or train/ and val/", skip_corrupt, max_pixels)
         return single, None, list(single.classes)
-    splits = {s: _open_folder(root / s, root, f"{s}/<class_name>/<image files>") for s in ("train", "val")}
+    splits = {s: _open_folder(root / s, root, f"{s}/<class_name>/<image files>", skip_corrupt, max_pixels)
+              for s in ("train", "val")}
     if splits["train"].classes != splits["val"].classes:
         raise DataError(
             f"train and val class folders differ under data.root={root}: "
@@ -149,9 +262,12 @@ def load_imagefolder(root: str | Path) -> tuple[Dataset, Dataset | None, list[st
     return splits["train"], splits["val"], list(splits["train"].classes)
 
 
-def _open_folder(folder: Path, root: Path, expected: str) -> datasets.ImageFolder:
+def _open_folder(folder: Path, root: Path, expected: str, skip_corrupt: bool,
+                 max_pixels: int | None) -> ImageFolder:
     try:
-        return ImageFolder(str(folder), loader=open_rgb)
+        images = ImageFolder(str(folder), loader=functools.partial(open_rgb, max_pixels=max_pixels))
+        images.skip_corrupt = skip_corrupt
+        return images
     except (FileNotFoundError, OSError) as e:
         raise DataError(f"no images under {folder} (data.root={root}); expected {root}/{expected}, one folder per "
                         f"class") from e

@@ -24,6 +24,7 @@ from vitrain.data.gpu import GpuAugment, batch_augments, batch_seed, check_batch
 from vitrain.data.samplers import build_samplers, eval_sampler
 from vitrain.distributed import World
 from vitrain.errors import DataError
+from vitrain.runtime import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class DecodingLoader:
         self.batch_size, self.sampler, self.drop_last = batch_size, sampler, drop_last
         self.loader = DataLoader(self.files, batch_size, sampler=sampler, num_workers=num_workers,
                                  drop_last=drop_last, collate_fn=_as_lists, persistent_workers=num_workers > 0,
+                                 worker_init_fn=ignore_stop_signals,
                                  generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:

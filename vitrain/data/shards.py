@@ -5,7 +5,7 @@ How an epoch is dealt out, so that every sample is seen once over all processes:
 
 1. The shards are put in an order that depends only on (seed, epoch) and read as one sequence of N samples
    (the counts per shard come from the ``manifest.json`` that ``scripts/make_shards.py`` writes, or from
-   counting local shards once).
+   counting local shards once: :mod:`vitrain.data.shard_index`).
 2. Rank r of W takes samples [r n, (r + 1) n) of that sequence, n = N // W: every rank the same number of
    steps (each step is one DDP all-reduce); the N % W samples left over (fewer than W) wait for the next
    epoch's order. Under mixup a rank's last short batch is dropped, as for the other data sets.
@@ -25,7 +25,6 @@ import json
 import logging
 import random
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,15 +32,18 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vitrain.errors import ConfigError, DataError, first_line
+from vitrain.data.shard_index import expand_shards, shard_classes, shard_counts, tar_reason
+from vitrain.errors import DataError, first_line
+from vitrain.runtime import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+LABEL_KEYS = ("cls", "json")  # a .json holds {"label": index, ...}
 
 
 class ShardStream(IterableDataset):
     """The samples of a list of shards, read as described in the module's docstring. ``transform`` is set by
-    the caller, as for the map-style data sets; the loader (:func:`shard_loader`) sets the epoch, the rank's
+    the caller, as for the map-style data sets; the loader (:class:`ShardLoader`) sets the epoch, the rank's
     share, the batch size and the resume position before each pass."""
 
     def __init__(self, urls: list[str], counts: list[int], classes: list[str], train: bool,
@@ -117,42 +119,51 @@ class ShardStream(IterableDataset):
 
     def _read(self, first: int, n: int) -> Iterator[dict[str, Any]]:
         """The raw samples [first, first + n) of the epoch's shard sequence (tar members, undecoded)."""
-        from webdataset.tariterators import tarfile_samples
-
         for i in self._order():
             if n <= 0:
                 return
             if first >= self.counts[i]:
                 first -= self.counts[i]
                 continue
-            take, url = min(n, self.counts[i] - first), self.urls[i]
-            got = 0
-            try:
-                for k, sample in enumerate(tarfile_samples([{"url": url}])):
-                    if k >= first:
-                        yield sample
-                        got += 1
-                        if got == take:
-                            break
-            except Exception as e:
-                if not self.skip_corrupt:
-                    raise DataError(f"shard {url} is truncated or corrupt ({type(e).__name__}: {first_line(e, 120)}); "
-                                    f"replace it, or set data.skip_corrupt=true to skip what cannot be read") from e
-                log.warning("shard %s: %d samples unreadable (%s), skipped", url, take - got, type(e).__name__)
+            take = min(n, self.counts[i] - first)
+            yield from self._read_shard(self.urls[i], first, take)
             first, n = 0, n - take
+
+    def _read_shard(self, url: str, first: int, take: int) -> Iterator[dict[str, Any]]:
+        """Samples [first, first + take) of one shard; with ``skip_corrupt``, fewer (and a warning) when the shard
+        ends early or cannot be read further."""
+        from webdataset.tariterators import tarfile_samples
+
+        seen, error = 0, None
+        try:
+            for sample in tarfile_samples([{"url": url}]):
+                seen += 1
+                if seen > first:
+                    yield sample
+                    if seen == first + take:
+                        return
+        except Exception as e:
+            error = e
+        ended = f"it ends after {seen} samples, fewer than counted"
+        what = f"{tar_reason(error)} after {seen} samples" if error else ended
+        if not self.skip_corrupt:
+            raise DataError(f"shard {url} is truncated or corrupt ({what}); replace it (scripts/make_shards.py "
+                            f"regenerates shards), or set data.skip_corrupt=true to skip what cannot be "
+                            f"read") from error
+        log.warning("shard %s is truncated or corrupt (%s): %d samples skipped", url, what, take - max(0, seen - first))
 
     def _decode(self, raw: dict[str, Any]) -> tuple[torch.Tensor, int] | None:
         """(transformed image, label) of a raw sample; None for an unreadable one with ``skip_corrupt``."""
         where = f"{raw.get('__url__')}: sample {raw.get('__key__')}"
         try:
-            key = next((k for k in IMAGE_KEYS if k in raw), None)
-            if key is None:
-                raise ValueError(f"no image ({', '.join(IMAGE_KEYS)}) in {sorted(k for k in raw if k[0] != '_')}")
-            image = Image.open(io.BytesIO(raw[key])).convert("RGB")
-            label = int(raw["cls"]) if "cls" in raw else int(json.loads(raw["json"])["label"])
-        except (OSError, ValueError, KeyError, SyntaxError) as e:
+            image = Image.open(io.BytesIO(raw[_member(raw, IMAGE_KEYS, "image")])).convert("RGB")
+            label = raw[_member(raw, LABEL_KEYS, "label")]
+            label = int(label) if "cls" in raw else int(json.loads(label)["label"])
+        except (OSError, ValueError, KeyError, SyntaxError) as e:  # a DataError (an OSError): a member missing
             if self.skip_corrupt:
                 return None
+            if isinstance(e, DataError):
+                raise
             raise DataError(f"{where} cannot be read ({type(e).__name__}: {first_line(e, 100)}); fix the "
                             f"shard, or set data.skip_corrupt=true to skip such samples") from e
         if not 0 <= label < len(self.classes):
@@ -163,6 +174,20 @@ class ShardStream(IterableDataset):
     def _seed(self, worker: int, batch: int) -> int:
         return int(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker, batch + 1]).generate_state(1)[0])
 
+
+def _member(raw: dict[str, Any], keys: tuple[str, ...], what: str) -> str:
+    """The first of ``keys`` that sample ``raw`` holds; a DataError when it holds none. webdataset groups
+    consecutive tar members by key, so a tar written out of order (a.jpg, b.jpg, a.cls, b.cls) gives samples
+    that hold half of theirs: the message says how to write one that reads."""
+    key = next((k for k in keys if k in raw), None)
+    if key is None:
+        wanted = [f".{k}" for k in keys]
+        held = ", ".join(f".{k}" for k in sorted(raw) if not k.startswith("__")) or "nothing"
+        raise DataError(f"sample {raw.get('__key__')} in {raw.get('__url__')} has no {what} (no "
+                        f"{', '.join(wanted[:-1])} or {wanted[-1]} member, only {held}); the members of one sample "
+                        f"must be consecutive in the tar, as tar and webdataset's ShardWriter write them: create it "
+                        f"with `tar --sort=name` or scripts/make_shards.py")
+    return key
 
 
 class _BatchRng:
@@ -247,95 +272,19 @@ class ShardLoader:
         workers = min(self.num_workers, self.stream.batches())
         self.stream.num_workers = max(1, workers)
         loader = DataLoader(self.stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
+                            worker_init_fn=ignore_stop_signals,
                             generator=torch.Generator().manual_seed(self.stream.seed))  # leaves the global RNG alone
         for images, labels, skipped in loader:
             self.skipped += skipped
             yield images, labels
 
 
-def expand_shards(spec: str) -> list[str]:
-    """The shard URLs of ``data.shards``: brace patterns expanded (``a-{000..009}.tar``), ``::`` separating
-    several; local paths made absolute."""
-    from webdataset.shardlists import expand_urls
-
-    urls = expand_urls(spec)
-    if not urls:
-        raise DataError(f"data.shards='{spec}' names no shard; give a path, a brace pattern or a URL")
-    local = [u for u in urls if _is_local(u)]
-    missing = [u for u in local if not Path(u).expanduser().is_file()]
-    if missing:
-        raise DataError(f"shard {missing[0]} does not exist ({len(missing)} of {len(urls)} missing); check data.shards")
-    return [str(Path(u).expanduser().resolve()) if _is_local(u) else u for u in urls]
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
-
-
 def open_shards(spec: str, train: bool, shuffle_buffer: int, skip_corrupt: bool,
                 epoch_size: int | None = None) -> ShardStream:
     """The :class:`ShardStream` of ``spec``, with its per-shard counts and classes read beside the shards."""
     urls = expand_shards(spec)
-    manifest = _beside(urls[0], "manifest.json")
-    counts = _counts(urls, json.loads(manifest) if manifest else {}, epoch_size)
+    counts = shard_counts(urls, epoch_size, skip_corrupt)
+    if sum(counts) == 0:
+        raise DataError(f"no sample of the {len(urls)} shard(s) of '{spec}' can be read; regenerate them with "
+                        f"scripts/make_shards.py")
     return ShardStream(urls, counts, shard_classes(urls[0]), train, shuffle_buffer, skip_corrupt)
-
-
-def _counts(urls: list[str], manifest: dict, epoch_size: int | None) -> list[int]:
-    known = {entry["name"]: entry["count"] for entry in manifest.get("shards", [])}
-    names = [u.rsplit("/", 1)[-1] for u in urls]
-    if all(n in known for n in names):
-        return [known[n] for n in names]
-    if epoch_size is not None:  # a stream without a manifest: spread the size evenly, approximately
-        log.warning("no manifest.json lists these shards: using data.epoch_size=%d spread evenly (each sample is "
-                    "seen about once per epoch; a manifest makes it exact)", epoch_size)
-        return [epoch_size * (i + 1) // len(urls) - epoch_size * i // len(urls) for i in range(len(urls))]
-    if not all(_is_local(u) for u in urls):
-        raise ConfigError("the shards have no manifest.json beside them (scripts/make_shards.py writes one); set "
-                          "data.epoch_size=N, the number of training samples")
-    log.info("counting the samples of %d shards (no manifest.json beside them)", len(urls))
-    return [_count(u) for u in urls]
-
-
-def _count(url: str) -> int:
-    from webdataset.tariterators import tarfile_samples
-
-    try:
-        return sum(1 for _ in tarfile_samples([{"url": url}]))
-    except Exception as e:
-        raise DataError(f"shard {url} is truncated or corrupt ({type(e).__name__}); replace it") from e
-
-
-def shard_classes(url: str) -> list[str]:
-    """The class names from ``classes.txt`` (one per line) or ``classes.json`` (a list, or name -> index)
-    beside the shards, or the ``classes`` of their ``manifest.json``."""
-    text = _beside(url, "classes.txt")
-    if text is not None:
-        return [line.strip() for line in text.splitlines() if line.strip()]
-    for name, key in (("classes.json", None), ("manifest.json", "classes")):
-        text = _beside(url, name)
-        if text is not None:
-            value = json.loads(text) if key is None else json.loads(text).get(key)
-            if isinstance(value, dict):
-                return [n for n, _ in sorted(value.items(), key=lambda item: item[1])]
-            if value:
-                return [str(v) for v in value]
-    folder = url.rsplit("/", 1)[0] if "/" in url else "."
-    raise DataError(f"no classes.txt, classes.json or manifest.json beside the shards in {folder}; write the class "
-                    f"names there, one per line (scripts/make_shards.py does)")
-
-
-def _beside(url: str, name: str) -> str | None:
-    """The text of the file ``name`` in the folder of shard ``url`` (local or remote), or None."""
-    if _is_local(url):
-        path = Path(url).parent / name
-        return path.read_text() if path.is_file() else None
-    if url.startswith("pipe:"):
-        return None
-    try:
-        from webdataset.gopen import gopen
-
-        with gopen(url.rsplit("/", 1)[0] + "/" + name) as f:
-            return f.read().decode()
-    except Exception:
-        return None

@@ -1,17 +1,26 @@
 """``ModelConfig``: the schema of the ``model`` config group (``configs/model/*.yaml``).
 
 Each key has its type and default here; a YAML file holds only its choices. Keys beyond these
-(``+model.depth=6`` from the shell) go to the model's constructor.
+(``+model.depth=6`` from the shell) go to the model's constructor. Values are checked when the config becomes
+this object, before any data set is opened; the model's name, its constructor's arguments and its patch size are
+looked up without building it.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import re
+import typing
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from vitrain.errors import ConfigError
 
 SOURCES = ("vitrain", "timm", "torchvision")
+SET_FROM_CONFIG = {"num_classes": "the data set's classes", "img_size": "model.img_size",  # constructor arguments
+                   "drop_rate": "model.drop_rate", "drop_path_rate": "model.drop_path",  # that vitrain gives,
+                   "window_size": "model.window_size"}  # never +model.KEY
 
 
 @dataclass
@@ -39,13 +48,14 @@ class LoraSpec:
 class ModelConfig:
     """Which model to build, at which resolution, from which weights."""
 
+    extra_keys: ClassVar[str] = "an argument of the model's constructor"  # +model.depth=6 (not a config key)
     source: str = "vitrain"  # vitrain | timm | torchvision
     name: str = "vit_nano_patch4_16"  # a vitrain model (vitrain.models.list_models()), or a timm/torchvision name
     img_size: int = 16  # input resolution; the data pipeline resizes images to it
     pretrained: bool = False  # start from ImageNet weights fetched from the hub (needs network)
     checkpoint: str | None = None  # start from a local weights file instead (.pth/.pt/.bin/.safetensors)
     reset_head: bool = False  # re-initialise the classifier after loading (new classes, same count)
-    drop_path: float = 0.0  # stochastic depth rate of the deepest block (grows linearly from 0)
+    drop_path: float = 0.0  # stochastic depth rate of the deepest block (grows linearly from 0; DeiT III: every block)
     drop_rate: float = 0.0  # dropout rate
     window_size: int | None = None  # Swin: attention window in patches; null: the model's own
     grad_checkpointing: bool = False  # recompute block activations in the backward pass: less memory, ~30% more compute
@@ -55,6 +65,7 @@ class ModelConfig:
         if self.source not in SOURCES:
             raise ConfigError(f"unknown model source '{self.source}' (model.source); "
                               f"choose one of {', '.join(SOURCES)}")
+        check_model_name(self.source, self.name)
         if self.img_size <= 0:
             raise ConfigError(f"model.img_size must be positive, got {self.img_size}")
         for key in ("drop_path", "drop_rate"):
@@ -73,8 +84,78 @@ class ModelConfig:
             kwargs["window_size"] = self.window_size
         return kwargs
 
+    def check_architecture(self) -> None:
+        """Without building the model: each key added from the shell is an argument of its constructor (vitrain's
+        models; timm's and torchvision's builders pass any on), and ``img_size`` is a multiple of the patch size
+        (vitrain's ViTs and Swins refuse another). Called once the extra keys are set (TrainConfig)."""
+        known = {f.name for f in fields(self)}
+        extra = {k: v for k, v in vars(self).items() if k not in known}
+        for key in extra:
+            self._check_extra_key(key, known)
+        found = re.search(r"patch(\d+)", self.name)  # every vitrain model names its patch size, as timm's do
+        patch = extra.get("patch_size", int(found.group(1)) if found else None)
+        if self.source == "vitrain" and isinstance(patch, int) and patch > 0 and self.img_size % patch:
+            raise ConfigError(f"image size {self.img_size}x{self.img_size} is not divisible by the patch size {patch}; "
+                              f"set model.img_size to a multiple of it")
+
+    def _check_extra_key(self, key: str, known: set[str]) -> None:
+        """``+model.KEY``: not one that vitrain sets itself, and an argument of the constructor where that is known."""
+        if key in SET_FROM_CONFIG:
+            raise ConfigError(f"unknown key model.{key}: vitrain sets it from {SET_FROM_CONFIG[key]}")
+        takes = constructor_arguments(self.source, self.name)
+        if takes is None or key in takes:
+            return
+        close = difflib.get_close_matches(key, sorted(known | set(takes) - set(SET_FROM_CONFIG)), n=3)
+        hint = (f"did you mean {', '.join(f'model.{k}' for k in close)}?" if close else
+                f"it takes {', '.join(k for k in takes if k not in SET_FROM_CONFIG)}")
+        raise ConfigError(f"unknown key model.{key}: not an argument of {self.name}; {hint}")
+
     def spec(self, num_classes: int) -> dict[str, Any]:
         """The plain model spec stored in checkpoints: ``create_model(**spec)`` rebuilds the architecture
         (without weights) whatever the YAML layout of the day."""
         return {"name": self.name, "source": self.source, "num_classes": num_classes, "img_size": self.img_size,
                 **self.constructor_kwargs()}
+
+
+def check_model_name(source: str, name: str) -> None:
+    """``name`` is a model of ``source``, or the one-line error that building it would give, with close matches."""
+    from vitrain.models.registry import list_models, unknown_name
+
+    if source == "vitrain" and name not in list_models():
+        raise unknown_name("model", name, list_models(), "vitrain.models.list_models()", cutoff=0.5)
+    if source == "timm":
+        import timm
+
+        if not timm.is_model(name):
+            raise unknown_name("timm model", name, timm.list_models(), "timm.list_models()")
+    if source == "torchvision":
+        import torchvision
+
+        available = torchvision.models.list_models(module=torchvision.models)
+        if name not in available:
+            raise unknown_name("torchvision model", name, available, "torchvision.models.list_models()")
+
+
+def constructor_arguments(source: str, name: str) -> list[str] | None:
+    """The keyword arguments of the constructor of vitrain's model ``name`` (the class its registered function
+    returns, following ``**kwargs`` up to the base class that takes them), or None where that is not known
+    without building it: timm's and torchvision's builders pass ``**kwargs`` through layers of their own."""
+    if source != "vitrain":
+        return None
+    from torch import nn
+
+    from vitrain.models.registry import _MODELS
+
+    cls = typing.get_type_hints(_MODELS[name]).get("return")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        return None
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if klass is nn.Module:
+            break
+        if "__init__" in vars(klass):
+            params = list(inspect.signature(klass.__init__).parameters.values())[1:]  # after self
+            names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                break
+    return names

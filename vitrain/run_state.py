@@ -1,0 +1,101 @@
+"""What a training run saves and how it continues: :class:`TrainState` (where training stands) and the
+:class:`~vitrain.trainer.Trainer`'s checkpoint methods (what ``last.pt`` and ``best.pt`` hold, and loading them back).
+The files themselves (atomic writes, the pair's order, weights-only loads) are :mod:`vitrain.checkpoint`'s."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitrain import __version__, distributed
+from vitrain.checkpoint import (
+    check_resume_position,
+    find_resume_checkpoint,
+    load_checkpoint,
+    rng_state,
+    write_checkpoints,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Where training stands; all of it goes into every checkpoint, so that a run continues exactly."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of the current epoch already trained (> 0: saved inside an epoch)
+    epoch_loss: float = 0.0  # sum of the current epoch's batch losses so far (mean over the ranks)
+    skipped_in_epoch: int = 0  # batches of the current epoch skipped for a non-finite loss
+    step: int = 0  # optimizer steps so far
+    best_top1: float = float("-inf")
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_time: float = 0.0
+    train_images: int = 0
+    skipped_nonfinite: int = 0
+    pruned: bool = False  # a trial of a pruned Optuna search, stopped by the study's pruner
+
+    def next_epoch(self) -> None:
+        """The epoch is trained, validated and about to be saved: the next one starts at its first batch."""
+        self.epoch, self.batch_in_epoch, self.epoch_loss, self.skipped_in_epoch = self.epoch + 1, 0, 0.0, 0
+
+
+class SavesState:
+    """The Trainer's checkpoints: its model, optimizer, scheduler, scaler, EMA, logger, metadata and
+    :class:`TrainState` in one dict, written by rank 0 and read back to continue exactly."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: weights, optimizer, schedule, scaler, EMA, the
+        :class:`TrainState` and the random generators, with the metadata."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 **dataclasses.asdict(self.state), "rng": rng_state(), "vitrain_version": __version__,
+                 "logger": self.logger.state_dict(), **self.metadata}
+        if self.ema is not None:
+            state["model_ema"] = self.ema.module.state_dict()
+        return state
+
+    def resume(self, resume: str | None, global_batch: int) -> None:
+        """``trainer.resume``: continue from the checkpoint it names (rank 0 finds it, every rank loads it), which
+        must have been written with the same images per step (``global_batch``) if it stopped inside an epoch."""
+        path = distributed.broadcast_object(find_resume_checkpoint(resume, self.run_dir))
+        if path is None:
+            return
+        state = load_checkpoint(path, map_location=self.device)
+        check_resume_position(state, global_batch)
+        self.load_state_dict(state)
+        log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch + 1, self.state.step)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by :meth:`state_dict`."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and "model_ema" in state:
+            self.ema.module.load_state_dict(state["model_ema"])
+        known = {f.name for f in dataclasses.fields(TrainState)}
+        self.state = TrainState(**{k: v for k, v in state.items() if k in known})
+        self.state.history = list(self.state.history)
+        self._resumed_rng = distributed.own_entry(state.get("rng_ranks"), state["rng"])
+        self.logger.load_state_dict(state.get("logger", {}))  # the tracked run to continue (MLflow, W&B)
+
+    def _save(self, val: dict[str, Any] | None = None) -> Path:
+        """Write ``last.pt`` (and ``best.pt`` when ``val`` is a new best); with ``keep_last`` > 1, also
+        keep that many numbered checkpoints. Returns the path written."""
+        best = val is not None and val["top1"] > self.state.best_top1
+        if best:
+            self.state.best_top1 = val["top1"]
+            if self.loaders.test is not None:  # for the test set at the end, without a file read on every rank
+                self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        state = self.state_dict()
+        if distributed.world_size() > 1:  # each rank's generators, for an exact resume on as many ranks
+            state["rng_ranks"] = distributed.gather_objects(state["rng"])
+        if not self.is_main:  # the ranks hold the same weights: rank 0 writes them
+            return self.ckpt_dir / "last.pt"
+        scores = {k: val[k] for k in ("loss", "top1", "top5")} if best else None
+        return write_checkpoints(state, self.ckpt_dir, scores, self.config.keep_last)
+
