@@ -6,8 +6,9 @@
 
 A run is any folder below SWEEP_DIR (at any depth) that holds ``.hydra/overrides.yaml``; its
 ``metrics.json`` gives the metric columns. Runs without metrics.json (failed, or still running) are
-listed last, marked as such. Overrides shared by every run are printed once above the table. When a
-sweep folder holds Optuna's ``optimization_results.yaml``, its best value and parameters follow.
+listed last, marked as such. Overrides shared by every run are printed once above the table. Runs of a
+pruned Optuna search show their state (``complete``, or ``pruned``: stopped early) and the epochs they trained.
+When a sweep folder holds Optuna's ``optimization_results.yaml``, its best value and parameters follow.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import yaml
 
 COLUMNS = ("final_top1", "best_top1", "wall_time_sec")  # shown after the sort metric
+STATE_COLUMNS = ("state", "epochs_trained")  # shown when a run has them (metrics.json of a Trainer that has them)
 FORMATS = {"final_top1": ".2f", "best_top1": ".2f", "wall_time_sec": ".1f", "final_val_loss": ".4f",
            "train_images_per_sec": ".0f"}
 NO_METRICS = "no metrics.json"
@@ -104,8 +106,10 @@ def format_value(value: Any, fmt: str = ".4g") -> str:
 
 
 def table(runs: list[Run], metric: str, keys: list[str]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: the run, the metric, the other metric columns, the overrides that differ."""
+    """Header and rows: the run, the metric, the other metric columns (the state of pruned searches' runs), the
+    overrides that differ."""
     metrics = [metric, *(c for c in COLUMNS if c != metric)]
+    metrics += [c for c in STATE_COLUMNS if c != metric and any(c in (r.metrics or {}) for r in runs)]
     rows = []
     for run in runs:
         if run.metrics is None:
@@ -173,6 +177,10 @@ def summarize(sweep_dir: Path, metric: str = "final_top1", markdown: bool = Fals
     if unfinished:
         parts.append(f"{len(unfinished)} of {len(runs)} runs have no metrics.json (failed or unfinished): "
                      + ", ".join(unfinished))
+    pruned = [r.name for r in runs if (r.metrics or {}).get("state") == "pruned"]
+    if pruned:
+        parts.append(f"{len(pruned)} of {len(runs)} runs were pruned (stopped early by the search's pruner): "
+                     + ", ".join(pruned))
     parts.extend(optuna_report(sweep_dir))
     return "\n\n".join(parts)
 

@@ -136,7 +136,8 @@ def check(args: list[str], capsys: pytest.CaptureFixture[str]) -> str | None:
     (["model.depth=6"], "unknown key model.depth; an argument of the model's constructor is added with +: "
                         "+model.depth=..."),
     (["scheduler.zzz=1"], "unknown key scheduler.zzz; choose from scheduler.name, scheduler.warmup_epochs, "
-                          "scheduler.min_lr_ratio, scheduler.decay_epochs, scheduler.decay_rate"),
+                          "scheduler.warmup_lr, scheduler.min_lr_ratio, scheduler.min_lr, scheduler.decay_epochs, "
+                          "scheduler.decay_rate"),
 ])
 def test_command_line_keys_are_checked_before_hydra_composes(args: list[str], message: str,
                                                              capsys: pytest.CaptureFixture[str]) -> None:

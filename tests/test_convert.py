@@ -375,9 +375,11 @@ def test_vitrain_checkpoint_and_ddp_prefix_load() -> None:
 
 
 def test_fetch_timm_weights_without_network_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub answered the connection check (offline, tests/test_models_weights.py), then the download failed."""
     def offline(name: str, pretrained: bool = False, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load this file.\nCheck your connection")
 
+    monkeypatch.setattr("vitrain.hub.hub_online", lambda *args: True)
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(VitrainError) as info:
         fetch_timm_weights("vit_tiny_patch16_224")
@@ -390,5 +392,6 @@ def test_fetch_timm_weights_without_network_is_a_one_line_error(monkeypatch: pyt
 
 def test_fetch_timm_weights_returns_the_state_dict(monkeypatch: pytest.MonkeyPatch) -> None:
     model = torch.nn.Linear(2, 3)
+    monkeypatch.setattr("vitrain.hub.hub_online", lambda *args: True)  # the download is this lambda
     monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False: model if pretrained else None)
     assert fetch_timm_weights("vit_tiny_patch16_224").keys() == {"weight", "bias"}

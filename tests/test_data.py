@@ -120,6 +120,25 @@ def test_imagefolder_missing_split(imagefolder_root: Path) -> None:
         build_datasets(DataConfig("imagefolder", mean=MEAN, std=STD, root=imagefolder_root), 32)
 
 
+def test_an_empty_class_folder_is_named(imagefolder_root: Path) -> None:
+    """The message names the class folder(s) without images (and the file names it looks for), not the root."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    for image in (imagefolder_root / "train" / "square").iterdir():
+        image.unlink()
+    (imagefolder_root / "train" / "square" / "notes.txt").write_text("not an image")
+    cfg = DataConfig("imagefolder", mean=MEAN, std=STD, root=imagefolder_root)
+    with pytest.raises(DataError) as error:
+        build_datasets(cfg, 32)
+    assert str(error.value) == (f"no image files ({' '.join(IMG_EXTENSIONS)}) in the class folder "
+                                f"{imagefolder_root.resolve()}/train/square; add images or remove the empty folder")
+    for image in (imagefolder_root / "train" / "circle").iterdir():
+        image.unlink()
+    with pytest.raises(DataError, match=r"in the class folders .*train/circle, .*train/square; add images or remove "
+                                        r"the empty folders$"):
+        build_datasets(cfg, 32)
+
+
 def test_unknown_dataset() -> None:
     with pytest.raises(ConfigError, match="unknown data set 'mnist'.*digits, cifar10"):
         build_datasets(DataConfig("mnist", mean=MEAN, std=STD), 32)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from vitrain.config import compose
 from vitrain.data.datasets import load_digits
-from vitrain.errors import DataError
+from vitrain.errors import ConfigError, DataError
 from vitrain.evaluate import evaluate_checkpoint
 from vitrain.predict import predict
 from vitrain.train import train
@@ -62,13 +62,98 @@ def test_predict_gives_probabilities_and_class_names(run: tuple[Path, dict], tmp
 def test_cli_evaluate_and_predict(run: tuple[Path, dict], tmp_path: Path) -> None:
     checkpoints, metrics = run
     ev = subprocess.run([sys.executable, "-m", "vitrain.evaluate", f"checkpoint={checkpoints / 'last.pt'}",
-                         f"output={tmp_path / 'eval.json'}", f"hydra.run.dir={tmp_path}/ev"],
-                        capture_output=True, text=True, timeout=300)
+                         f"output={tmp_path / 'eval.json'}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr
     assert f"top-1 {metrics['final_top1']:.2f}%" in ev.stdout
+    assert json.loads((tmp_path / "eval.json").read_text())["model"]["top1"] == pytest.approx(metrics["final_top1"])
     Image.new("RGB", (20, 20)).save(tmp_path / "blank.png")
     pr = subprocess.run([sys.executable, "-m", "vitrain.predict", f"checkpoint={checkpoints / 'best.pt'}",
-                         f"inputs={tmp_path / 'blank.png'}", f"hydra.run.dir={tmp_path}/pr"],
-                        capture_output=True, text=True, timeout=300)
+                         f"inputs={tmp_path / 'blank.png'}", f"output={tmp_path / 'pr.json'}"],
+                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert pr.returncode == 0, pr.stderr
-    assert len(json.loads((tmp_path / "pr" / "predictions.json").read_text())[0]["top"]) == 5
+    assert len(json.loads((tmp_path / "pr.json").read_text())[0]["top"]) == 5
+
+
+def test_the_commands_write_nothing_into_the_working_folder(run: tuple[Path, dict], tmp_path: Path) -> None:
+    """evaluate, predict, visualize and export from an empty folder: no outputs/<entry>/<date>/<time>/, no .hydra/, no
+    log file there; their files go beside the checkpoint."""
+    checkpoints, _ = run
+    image = tmp_path / "digit.png"
+    Image.fromarray(load_digits()[1].images[0].permute(1, 2, 0).numpy()).save(image)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    commands = {"evaluate": [f"checkpoint={checkpoints / 'best.pt'}"],
+                "predict": [f"checkpoint={checkpoints / 'best.pt'}", f"inputs={image}"],
+                "visualize": [f"checkpoint={checkpoints / 'best.pt'}", f"image={image}"],
+                "export": [f"checkpoint={checkpoints / 'best.pt'}", "format=safetensors"]}
+    for entry, args in commands.items():
+        result = subprocess.run([sys.executable, "-m", f"vitrain.{entry}", *args, "device=cpu" if entry != "export"
+                                 else "weights=raw"], capture_output=True, text=True, timeout=300, cwd=cwd)
+        assert result.returncode == 0, f"{entry}: {result.stderr[-2000:]}"
+        assert sorted(p.name for p in cwd.rglob("*")) == [], entry
+    run_dir = checkpoints.parent
+    assert (checkpoints / "eval_best.json").is_file() and (checkpoints / "best.safetensors").is_file()
+    assert (run_dir / "predictions" / "digit.json").is_file() and list((run_dir / "visualize").glob("digit_*.png"))
+
+
+def write_digit_folder(root: Path, start: int) -> Path:
+    """``root/train|val/<digit>/*.png``: two test digits of each class per split, from test image ``start`` on."""
+    _, test, _ = load_digits()
+    for split in ("train", "val"):
+        for digit in range(10):
+            (root / split / str(digit)).mkdir(parents=True)
+    for i in range(start, len(test)):
+        label = int(test.labels[i])
+        for split in ("train", "val"):
+            folder = root / split / str(label)
+            if len(list(folder.iterdir())) < 2:
+                Image.fromarray(test.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+                break
+    return root
+
+
+def test_evaluating_on_other_data_keeps_each_data_sets_results(run: tuple[Path, dict], tmp_path: Path) -> None:
+    """data=... writes eval_<checkpoint>_<data set>.json and .png: the checkpoint's own evaluation and every other
+    data set's stay; a second folder of the same name is refused rather than written over the first's results."""
+    from vitrain.data.config import DataConfig
+
+    checkpoints, _ = run
+    own = evaluate_checkpoint(checkpoints / "best.pt", device="cpu")
+    first = DataConfig(name="imagefolder", root=str(write_digit_folder(tmp_path / "a" / "photos", 0)))
+    other = DataConfig(name="imagefolder", root=str(write_digit_folder(tmp_path / "scans", 100)))
+    evaluate_checkpoint(checkpoints / "best.pt", first, device="cpu")
+    evaluate_checkpoint(checkpoints / "best.pt", other, device="cpu")
+    saved = {name: json.loads((checkpoints / f"eval_best{name}.json").read_text())
+             for name in ("", "_imagefolder-photos", "_imagefolder-scans")}
+    assert saved[""]["data"] == "digits" and saved[""]["model"]["top1"] == own["model"]["top1"]
+    assert saved["_imagefolder-photos"]["data_source"] == first.root and saved["_imagefolder-photos"]["model"][
+        "images"] == 20
+    assert saved["_imagefolder-scans"]["data_source"] == other.root
+    assert all((checkpoints / f"eval_best{name}.png").is_file() for name in saved)
+
+    same_name = DataConfig(name="imagefolder", root=str(write_digit_folder(tmp_path / "b" / "photos", 200)))
+    with pytest.raises(ConfigError) as error:
+        evaluate_checkpoint(checkpoints / "best.pt", same_name, device="cpu")
+    assert str(error.value) == (f"{checkpoints / 'eval_best_imagefolder-photos.json'} holds the evaluation on "
+                                f"{first.root}, another data set; give output=... to keep both, or remove it")
+    assert json.loads((checkpoints / "eval_best_imagefolder-photos.json").read_text()) == saved["_imagefolder-photos"]
+
+
+@pytest.mark.parametrize("classes", [2, 10, 60])
+def test_the_confusion_figures_title_and_colour_bar_label_fit_inside_it(classes: int) -> None:
+    """The figure evaluate saves (at 120 dpi), with a long title on a small matrix: every label lies inside."""
+    from vitrain.figures import confusion_figure
+
+    title = "vit_nano_patch4_16 on imagefolder-holiday_photos_2024: top-1 97.25%"
+    figure = confusion_figure([[1] * classes for _ in range(classes)], [f"c{i}" for i in range(classes)], title)
+    figure.set_dpi(120)
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    (heading,) = [t for t in figure.texts if t.get_text() == title]
+    colour_bar = figure.axes[1]
+    assert colour_bar.get_ylabel() == "share of the true class"
+    inside = figure.bbox.padded(0.5)  # half a pixel of rounding
+    for text in (heading, colour_bar.yaxis.label, figure.axes[0].xaxis.label, figure.axes[0].yaxis.label):
+        box = text.get_window_extent(renderer)
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, (
+            text.get_text(), box, figure.bbox)

@@ -147,6 +147,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_pid(tmp_path: P
     holder = _hold_lock(run)
     (run / ".hydra").mkdir()
     (run / ".hydra/overrides.yaml").write_text("- first run\n")
+    (run / "train.log").write_text("")  # the first run at its start: no more than a refused run may take away
     try:
         result = subprocess.run([sys.executable, "-m", "vitrain.train", "trainer.epochs=1", f"hydra.run.dir={run}"],
                                 capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -154,6 +155,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_pid(tmp_path: P
         assert result.stderr.strip() == (f"error: run folder {run.resolve()} is in use by another run (PID "
                                          f"{holder.pid}); wait for it to end, stop it, or choose another hydra.run.dir")
         assert (run / ".hydra/overrides.yaml").read_text() == "- first run\n"
+        assert sorted(p.name for p in run.rglob("*")) == [".hydra", ".lock", "overrides.yaml", "train.log"]
     finally:
         holder.kill()
         holder.wait()
@@ -172,6 +174,43 @@ def test_the_lock_is_reentrant_in_one_process_and_exclusive_between_processes(tm
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_run_refused_at_start_takes_away_only_the_empty_run_folder_it_made(tmp_path: Path) -> None:
+    """discard_unused: the folders this process made and holds the lock of, holding only Hydra's start files, the
+    log and empty folders, go (with the folders made above them); a folder with anything else, one that was there
+    before, or one whose lock another process holds, stays."""
+    (tmp_path / "outputs").mkdir()  # there before: stays
+    made = tmp_path / "outputs" / "2025-01-01" / "12-00-00"
+    kept = tmp_path / "outputs" / "2025-01-01" / "12-00-01"
+    there = tmp_path / "there"
+    there.mkdir()
+    other = tmp_path / "other"
+    for folder in (made, kept, there, other):
+        runfolder.note_new(folder)
+        (folder / ".hydra").mkdir(parents=True)
+        for name in (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log"):
+            (folder / name).write_text("x")
+        (folder / "checkpoints").mkdir()
+    for folder in (made, kept, there):
+        runfolder.acquire(folder)
+    holder = _hold_lock(other)
+    (kept / "checkpoints" / "last.pt").write_bytes(b"a checkpoint")
+    try:
+        assert runfolder.discard_unused() == [made.resolve()]
+        assert not made.exists() and kept.is_dir() and (tmp_path / "outputs").is_dir()  # 2025-01-01 holds kept
+        assert not runfolder.holds(made) and runfolder.holds(kept) and runfolder.holds(there)
+        assert sorted(p.name for p in other.rglob("*")) == [".hydra", ".lock", "checkpoints", "config.yaml",
+                                                             "hydra.yaml", "overrides.yaml", "train.log"]
+    finally:
+        holder.kill()
+        holder.wait()
+        for folder in (kept, there):
+            runfolder.release(folder)  # the end of a run: its folder is no longer one to take away
+    (kept / "checkpoints" / "last.pt").unlink()
+    runfolder.acquire(kept)
+    assert runfolder.discard_unused() == [] and kept.is_dir()
+    runfolder.release(kept)
 
 
 def test_only_the_temporary_files_of_dead_writers_are_removed(tmp_path: Path) -> None:

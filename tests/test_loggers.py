@@ -3,6 +3,8 @@ from the real event files, tracking server and offline run; the one-line errors 
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import logging
 import os
@@ -10,9 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -295,6 +298,27 @@ def test_mlflow_default_store_is_in_the_run_folder_and_changes_no_result(
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
 
 
+def test_mlflow_run_nests_under_a_parent_with_its_tags(tmp_path: Path) -> None:
+    """logger.mlflow.parent_run_id and logger.mlflow.tags (what an Optuna sweep gives its trials): MLflow's
+    mlflow.parentRunId tag and the run's own tags."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from vitrain.mlflow_logger import MLflowLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    parent = client.create_run(client.create_experiment("vitrain")).info.run_id
+    cfg = to_config(compose(["logger=mlflow", f"logger.mlflow.tracking_uri={uri}",
+                             f"logger.mlflow.parent_run_id='{parent}'", "+logger.mlflow.tags.team=vision"])).logger
+    logger = MLflowLogger(cfg.mlflow, tmp_path / "run")
+    logger.start({"optimizer": {"lr": 1e-3}})
+    logger.close()
+    child = client.get_run(logger.run_id)
+    assert child.data.tags["mlflow.parentRunId"] == parent and child.data.tags["team"] == "vision"
+    assert child.data.params["optimizer.lr"] == "0.001" and child.info.status == "FINISHED"
+
+
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vitrain.train", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
@@ -309,6 +333,93 @@ def test_unreachable_tracking_server_stops_before_training_in_one_line(tmp_path:
     assert result.stderr.strip().startswith(f"error: cannot reach the MLflow tracking server at {uri} ("), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+@contextlib.contextmanager
+def web_server(answer: Callable[[http.server.BaseHTTPRequestHandler], tuple[int, str, bytes]]) -> Iterator[str]:
+    """A plain HTTP server on a free local port, in a thread, whose ``answer(request)`` gives (status, content type,
+    body) for every GET; yields its URI."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            status, kind, body = answer(self)
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+def _any_page(request: http.server.BaseHTTPRequestHandler) -> tuple[int, str, bytes]:
+    return 200, "text/html", b"<html><body>OK</body></html>"  # /health too: the probe before answered to it
+
+
+def _no_api(request: http.server.BaseHTTPRequestHandler) -> tuple[int, str, bytes]:
+    return (200, "text/plain", b"OK") if request.path == "/health" else (404, "text/html", b"not found")
+
+
+def test_a_web_server_that_is_not_mlflow_is_refused(tmp_path: Path) -> None:
+    from vitrain.errors import VitrainError
+    from vitrain.mlflow_logger import probe_server
+
+    for answer, what in ((_no_api, "HTTP 404"), (_any_page, "a text/html page, not MLflow's JSON")):
+        with web_server(answer) as uri, pytest.raises(VitrainError) as error:
+            probe_server(uri)
+        assert str(error.value) == (f"the server at {uri} is not an MLflow tracking server (GET "
+                                    f"/api/2.0/mlflow/experiments/search gave {what}); start `mlflow server` there or "
+                                    f"fix logger.mlflow.tracking_uri (nothing was trained)")
+
+
+def test_a_web_server_that_is_not_mlflow_stops_the_run_in_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("mlflow")
+    with web_server(_any_page) as uri:
+        result = run_cli([*SMOKE, "logger=[tensorboard,mlflow]", f"logger.mlflow.tracking_uri={uri}",
+                          f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith(f"error: the server at {uri} is not an MLflow tracking server"), \
+        result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_the_probe_accepts_mlflows_answer_with_its_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that answers the REST call with JSON passes; behind basic authentication, with MLflow's own
+    MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, and a one-line error naming them without."""
+    import base64
+
+    from vitrain.errors import VitrainError
+    from vitrain.mlflow_logger import probe_server
+
+    seen = []
+
+    def mlflow_with_login(request: http.server.BaseHTTPRequestHandler) -> tuple[int, str, bytes]:
+        seen.append(request.path)
+        if request.headers.get("Authorization") != "Basic " + base64.b64encode(b"ada:secret").decode():
+            return 401, "text/plain", b"You are not authenticated."
+        return 200, "application/json", json.dumps({"experiments": [{"experiment_id": "0"}]}).encode()
+
+    with web_server(mlflow_with_login) as uri:
+        monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ada")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
+        probe_server(uri + "/")
+        assert seen == ["/api/2.0/mlflow/experiments/search?max_results=1"]
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        with pytest.raises(VitrainError, match=rf"^the server at {uri} refused MLflow's REST call \(HTTP 401\); for "
+                                               r"an MLflow server with authentication set MLFLOW_TRACKING_TOKEN"):
+            probe_server(uri)
 
 
 def test_unknown_logger_is_one_line_listing_the_options(tmp_path: Path) -> None:

@@ -83,6 +83,21 @@ def test_bce_target_threshold_binarizes_the_targets() -> None:
     assert value(BinaryCrossEntropyLoss(0.1, target_thresh=0.2), LOGITS, LABELS) == pytest.approx(unsmoothed, abs=1e-6)
 
 
+def test_bce_target_threshold_zero_is_deit3s_binarised_targets() -> None:
+    """DeiT III (facebookresearch/deit engine.py, --bce-loss): targets.gt(0.0) after mixup, then
+    BCEWithLogitsLoss; loss.bce_target_thresh=0.0 (experiment=deit3_recipe) gives the same loss."""
+    from vitrain.data import build_mixup
+
+    cfg = to_config(compose(["experiment=deit3_recipe"]))
+    mixup = build_mixup(cfg.data, num_classes=10, label_smoothing=cfg.loss.label_smoothing)
+    torch.manual_seed(0)
+    images, logits = torch.randn(8, 3, 16, 16), torch.randn(8, 10)
+    mixed, targets = mixup(images, torch.arange(8))
+    deit3 = nn.BCEWithLogitsLoss()(logits, targets.gt(0.0).type(targets.dtype))
+    assert cfg.loss.bce_target_thresh == 0.0
+    assert build_base_loss(cfg.loss)(mixed, logits, targets).item() == pytest.approx(deit3.item(), abs=1e-6)
+
+
 def test_bce_of_mixup_targets_is_the_formula_of_those_targets() -> None:
     """timm's Mixup (as build_mixup makes it, smoothing folded in) gives targets that BCE takes as they are."""
     from vitrain.data import build_mixup

@@ -62,25 +62,50 @@ def test_unknown_names(build, name: str, message: str) -> None:
         build(name, num_classes=10)
 
 
-def test_pretrained_offline_says_to_use_a_local_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_download_says_to_use_a_local_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub answered the connection check, then the download failed: the reason's first sentence, whole words."""
     import timm
 
-    def offline(*args: object, **kwargs: object) -> None:
-        raise OSError("We couldn't connect to the Hub. Check your connection")
+    reason = "We couldn't connect to the Hub because " + "the server kept refusing " * 12
+    def failing(*args: object, **kwargs: object) -> None:
+        raise OSError(reason + ". Retry later")
 
-    monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(VitrainError, match="could not fetch timm weights for 'resnet18'.*model.checkpoint=PATH"):
+    monkeypatch.setattr("vitrain.hub.hub_online", lambda *args: True)
+    monkeypatch.setattr(timm, "create_model", failing)
+    with pytest.raises(VitrainError) as info:
         create_timm_model("resnet18", num_classes=10, pretrained=True)
+    message = str(info.value)
+    assert message.startswith("could not fetch timm weights for 'resnet18' (OSError: We couldn't connect to the Hub")
+    assert message.endswith(" ...); without network set model.pretrained=false and model.checkpoint=PATH to a local "
+                            "weights file")
+    shown = message.split("(OSError: ")[1].split(" ...)")[0]
+    assert reason.startswith(shown + " ") and "Retry later" not in message and "\n" not in message  # whole words
 
 
-def test_torchvision_pretrained_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torchvision_failed_download(monkeypatch: pytest.MonkeyPatch) -> None:
     from urllib.error import URLError
 
     import torchvision
 
-    def offline(*args: object, **kwargs: object) -> None:
-        raise URLError("[Errno -2] Name or service not known")
+    def failing(*args: object, **kwargs: object) -> None:
+        raise URLError("[Errno 104] Connection reset by peer")
 
-    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    monkeypatch.setattr("vitrain.hub.reachable", lambda *args: True)
+    monkeypatch.setattr(torchvision.models, "get_model", failing)
     with pytest.raises(VitrainError, match="could not fetch torchvision weights for 'resnet18'.*URLError"):
         create_torchvision_model("resnet18", num_classes=10, pretrained=True)
+
+
+def test_torchvision_weights_neither_cached_nor_reachable(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Checked before torchvision downloads: one line at once, naming the cache file and the ways on."""
+    import torch
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr("vitrain.hub.reachable", lambda *args: False)
+    with pytest.raises(VitrainError) as info:
+        create_torchvision_model("resnet18", num_classes=10, pretrained=True)
+    assert str(info.value) == (
+        f"torchvision's pretrained weights for 'resnet18' are not in torch's download cache ({tmp_path}/checkpoints/"
+        f"resnet18-f37072fd.pth) and download.pytorch.org did not answer within 3 s; fetch them once with network "
+        f"(or copy the file there), or set model.checkpoint=PATH to a local weights file, or model.pretrained=false "
+        f"to start from random weights")

@@ -147,6 +147,44 @@ def test_schedule_at_warmup_start_end_midpoint_and_end_for_two_groups() -> None:
         assert lrs[step]["backbone"] == lrs[step]["backbone_no_decay"] == pytest.approx(1e-5 * factor)
 
 
+def test_warmup_start_is_the_first_rate_then_linear_to_one() -> None:
+    """timm's warmup_lr_init: s at step 0, s + (1 - s) k / W at step k, 1 at W."""
+    assert [lr_factor(k, 100, warmup_steps=4, warmup_start=0.2) for k in range(5)] == pytest.approx(
+        [0.2, 0.4, 0.6, 0.8, 1.0])
+
+
+def test_absolute_floor_and_warmup_start_are_rates_of_the_lr_group() -> None:
+    """min_lr 1e-5 and warmup_lr 1e-6 with lr 1e-3 x 256 / 512 = 5e-4 and backbone 5e-5: the head starts at 1e-6
+    and ends at 1e-5; the backbone keeps its ratio of 1/10 (1e-7, 1e-6). min_lr replaces min_lr_ratio."""
+    model = create_model("vit_nano_patch4_16", num_classes=3)
+    optimizer = OptimizerConfig(lr=1e-3, backbone_lr=1e-4, scale_lr=True)
+    scheduler = SchedulerConfig("cosine", warmup_epochs=1, warmup_lr=1e-6, min_lr_ratio=0.5, min_lr=1e-5)
+    opt, sched = optimizer_and_schedule(model, optimizer, scheduler, global_batch=256, steps_per_epoch=10, epochs=3)
+    factor = sched.lr_lambdas[0]
+    rates = {g["name"]: (g["initial_lr"] * factor(0), g["initial_lr"] * factor(30)) for g in opt.param_groups}
+    assert rates["head"] == pytest.approx((1e-6, 1e-5)) and rates["backbone"] == pytest.approx((1e-7, 1e-6))
+    assert {g["name"]: g["lr"] for g in opt.param_groups}["head"] == pytest.approx(1e-6)  # the first step's rate
+
+
+@pytest.mark.parametrize(("key", "message"), [
+    ("min_lr", "scheduler.min_lr=0.01 is above the peak learning rate 0.001"),
+    ("warmup_lr", "scheduler.warmup_lr=0.01 is above the peak learning rate 0.001"),
+])
+def test_an_absolute_rate_above_the_peak_is_refused(key: str, message: str) -> None:
+    model = create_model("vit_nano_patch4_16", num_classes=3)
+    with pytest.raises(ConfigError, match=message):
+        optimizer_and_schedule(model, OptimizerConfig(lr=1e-3), SchedulerConfig(**{key: 1e-2}), 64, 10, 1)
+    with pytest.raises(ConfigError, match=f"scheduler.{key} must be >= 0"):
+        SchedulerConfig(**{key: -1.0})
+
+
+def test_lr_is_used_as_given_without_scale_lr_or_a_base_batch() -> None:
+    """DeiT III's --unscale-lr: scale_lr false and lr_base_batch null keep optimizer.lr at any batch."""
+    cfg = OptimizerConfig(name="lamb", lr=4e-3, scale_lr=False, lr_base_batch=None)
+    assert cfg.lr_scale(64) == cfg.lr_scale(2048) == 1.0
+    assert OptimizerConfig(name="lamb", lr=4e-3, lr_base_batch=2048).lr_scale(64) == 64 / 2048
+
+
 def test_layer_decay_factors_per_block() -> None:
     """ViT with 6 blocks, decay 0.5: embeddings 0.5^7, block i (0-based) 0.5^(6-i), final norm and head 1."""
     model = create_model("vit_nano_patch4_16", num_classes=3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import site
 import subprocess
 import sys
 import zipfile
@@ -50,13 +51,26 @@ def test_the_wheel_holds_the_license_the_types_marker_the_configs_and_the_comman
         <= names and "hydra_plugins/__init__.py" not in names
 
 
+def borrow_site_packages(venv: Path) -> None:
+    """Give ``venv`` the packages of the Python running the tests, after its own: a ``.pth`` file that adds this
+    interpreter's site-packages folders (their own ``.pth`` files processed). ``--system-site-packages`` would give
+    the *base* Python's, which lack torch and hydra when the tests run from a virtual environment."""
+    folders = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    (own,) = (venv / "lib").glob("python*/site-packages")
+    (own / "_borrowed_site_packages.pth").write_text(
+        f"import site; list(map(site.addsitedir, {[f for f in folders if Path(f).is_dir()]!r}))\n")
+
+
 def test_installed_wheel_trains_and_explains_itself(wheel: Path, tmp_path: Path) -> None:
-    """A fresh venv outside the clone (torch and the rest from the system's site-packages), the wheel installed
-    into it: its own copy of vitrain is imported, ``vitrain-train`` runs an epoch, ``--help`` shows the template."""
+    """A fresh venv outside the clone (torch and the rest from the running interpreter's site-packages, a venv's
+    or the system's), the wheel installed into it: its own copy of vitrain is imported, ``vitrain-train`` runs an
+    epoch, ``--help`` shows the template."""
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], cwd=tmp_path)
+    run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path)
+    borrow_site_packages(venv)
     python, bin_dir = venv / "bin" / "python", venv / "bin"
-    run([python, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", wheel], cwd=tmp_path)  # system pip
+    run([python, "-c", "import hydra, torch"], cwd=tmp_path)  # the running environment's packages, seen from the venv
+    run([python, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", wheel], cwd=tmp_path)  # borrowed pip
     where = run([python, "-c", "import vitrain; print(vitrain.__file__)"], cwd=tmp_path).stdout.strip()
     assert Path(where).is_relative_to(venv), f"imported {where}, not the wheel's copy"
 

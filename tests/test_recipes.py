@@ -1,23 +1,28 @@
 """The recipes the papers use: random-resized crops on both data paths, timm's evaluation crop, augmentation
-policies, repeated augmentation, and a validation split for model selection."""
+policies, repeated augmentation cut as DeiT cuts it, a validation split for model selection, and every
+experiment held to its recipe card (tests/recipe_cards.py: the source's values, knob by knob)."""
 
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from recipe_cards import CARDS, SAME, Run, render, resolve, value
 from torchvision.transforms import v2
 
-from vitrain.config import compose, to_config
+from vitrain.config import CONFIG_DIR, compose, to_config
 from vitrain.data import DataConfig, EpochSampler, ShardedEpochSampler, build_datasets
 from vitrain.data.gpu import GpuAugment
+from vitrain.data.samplers import repeated_epoch_length
 from vitrain.data.transforms import POLICY_FAMILIES, build_transforms
 from vitrain.errors import ConfigError
+from vitrain.optim import SchedulerConfig, lr_factor
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SCALE, RATIO = (0.35, 1.0), (3 / 4, 4 / 3)
@@ -112,20 +117,20 @@ def test_a_wrong_policy_is_one_line_listing_the_families() -> None:
 
 
 def test_repeated_augmentation_shows_each_image_k_times_spread_over_the_ranks() -> None:
-    """DeiT's RASampler: an epoch of 1,000 positions shows 334 images, 3 times each (the last cut short),
-    and the 3 copies of an image land on 3 different ranks of 3; the epoch's order is the same whether one
-    process or 3 ranks read it."""
+    """DeiT's RASampler: 1,000 images make an epoch of 1000 // 256 * 256 = 768 positions, 256 images 3 times
+    each, and the 3 copies of an image land on 3 different ranks of 3; the epoch's order is the same whether
+    one process or 3 ranks read it."""
     size, k, world = 1000, 3, 3
     sampler = EpochSampler(size, seed=4, repeats=k)
     sampler.set_epoch(2)
     counts = Counter(list(sampler))
-    assert len(sampler) == size and len(counts) == math.ceil(size / k)
-    assert sorted(Counter(counts.values()).items()) == [(1, 1), (3, 333)]
+    assert len(sampler) == 768 and len(counts) == 256
+    assert sorted(Counter(counts.values()).items()) == [(3, 256)]
     ranks = [ShardedEpochSampler(size, 4, r, world, batch_size=8, repeats=k) for r in range(world)]
     for r in ranks:
         r.set_epoch(2)
     shares = [list(r) for r in ranks]
-    assert [len(s) for s in shares] == [334, 333, 333]
+    assert [len(s) for s in shares] == [256, 256, 256]
     assert sorted(i for s in shares for i in s) == sorted(sampler)
     where = {}
     for rank, share in enumerate(shares):
@@ -154,28 +159,84 @@ def test_a_validation_split_is_held_out_stratified_and_the_test_set_kept_apart()
     assert torch.equal(image, evaluated)  # the validation images get the eval transform, not the train one
 
 
-def test_deit_recipe_is_deits_table() -> None:
-    cfg = to_config(compose(["experiment=deit_recipe", "model=deit_small"]))
-    d, o, s = cfg.data, cfg.optimizer, cfg.scheduler
-    assert (d.train_crop, tuple(d.scale), d.interpolation, d.crop_pct) == ("rrc", (0.08, 1.0), "bicubic", 0.875)
-    assert (d.auto_augment, d.mixup, d.cutmix, d.re_prob, d.aug_repeats) == ("rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.25, 3)
-    assert (cfg.loss.label_smoothing, cfg.model.drop_path) == (0.1, 0.1)
-    assert (o.name, o.lr, o.scale_lr, o.lr_base_batch, o.weight_decay) == ("adamw", 5e-4, True, 512, 0.05)
-    assert (s.name, s.warmup_epochs, cfg.trainer.ema) == ("cosine", 5, True)
+@pytest.mark.parametrize(("size", "world"), [(1000, 1), (1000, 3), (1_281_167, 8), (5000, 6), (300, 7)])
+def test_a_repeated_epoch_is_cut_as_deits_rasampler(size: int, world: int) -> None:
+    """Each rank gets floor(N // 256 * 256 / W) positions, as DeiT's RASampler (samplers.py) and timm's
+    RepeatAugSampler (checked against timm's); the k copies of an image still land on k different ranks."""
+    from timm.data.distributed_sampler import RepeatAugSampler
+
+    ranks = [ShardedEpochSampler(size, 0, r, world, batch_size=32, repeats=3) for r in range(world)]
+    theirs = [RepeatAugSampler(range(size), num_replicas=world, rank=r, num_repeats=3) for r in range(world)]
+    assert [len(s) for s in ranks] == [len(t) for t in theirs] == [size // 256 * 256 // world] * world
+    assert repeated_epoch_length(size, world) == size // 256 * 256 // world * world
 
 
-def test_finetune_imagefolder_recipe_composes() -> None:
-    cfg = to_config(compose(["experiment=finetune_imagefolder", "data.root=/tmp/photos"]))
-    assert cfg.model.pretrained and cfg.data.name == "imagefolder" and cfg.data.train_crop == "rrc"
-    assert (cfg.data.crop_pct, cfg.data.val_fraction, cfg.optimizer.layer_decay) == (0.875, 0.1, 0.75)
+def test_an_epoch_smaller_than_256_images_keeps_its_size() -> None:
+    """timm falls back to ceil(N / W) per rank below 256 images (DeiT's RASampler would give none); vitrain keeps N."""
+    assert len(EpochSampler(200, repeats=3)) == repeated_epoch_length(200, 4) == 200
 
 
-def test_deit3_recipe_is_3augment_bce_lamb() -> None:
-    cfg = to_config(compose(["experiment=deit3_recipe", "model=vit_small"]))
-    assert (cfg.data.auto_augment, cfg.data.color_jitter, cfg.data.aug_repeats) == ("3a", 0.3, 3)
-    assert (cfg.loss.name, cfg.loss.label_smoothing, cfg.data.re_prob) == ("bce", 0.0, 0.0)
-    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.lr_base_batch) == ("lamb", 4e-3, 2048)
-    assert (cfg.data.mixup, cfg.data.cutmix, cfg.model.drop_path) == (0.8, 1.0, 0.05)
+def test_every_experiment_has_a_card() -> None:
+    assert sorted(CARDS) == sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", sorted(CARDS))
+def test_the_recipe_holds_to_its_card(name: str) -> None:
+    """Every row of the card: the composed config's value (or the number resolved at the source's run) is the
+    source's value, or, where vitrain deliberately differs, the value the card records with its reason."""
+    card = CARDS[name]
+    cfg = to_config(compose(list(card.overrides)))
+    resolved = resolve(cfg, card.run)
+    for knob in card.knobs:
+        assert knob.ours == SAME or knob.why, (name, knob)  # a difference always says why
+        if knob.key is None:
+            continue
+        expected = knob.source if knob.ours == SAME else knob.ours
+        got = value(cfg, resolved, knob.key)
+        assert got == (pytest.approx(expected, rel=1e-9) if isinstance(expected, float) else expected), (name, knob)
+
+
+def test_the_docs_show_every_card() -> None:
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "finetuning.md").read_text()
+    for name, card in CARDS.items():
+        assert render(name, card) in docs, f"docs/finetuning.md: paste the card of {name} (recipe_cards.render)"
+
+
+@pytest.mark.parametrize("epochs", [300, 800])
+def test_the_per_step_schedule_stays_near_deits_per_epoch_one(epochs: int) -> None:
+    """The card's numbers for stepping every optimizer step instead of DeiT's per-epoch timm scheduler (driven
+    as main.py drives it: ``step(epoch)`` after each epoch): equal first rate, at most 40% of the peak apart in
+    warmup, and after warmup at most 1.1% (300 epochs) or 0.4% (800 epochs)."""
+    from timm.scheduler import CosineLRScheduler
+
+    peak, steps = 1e-3, 20  # steps per epoch
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    theirs = CosineLRScheduler(opt, t_initial=epochs, lr_min=1e-5, warmup_lr_init=1e-6, warmup_t=5, t_in_epochs=True)
+    sched = SchedulerConfig("cosine", warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5)
+    floor, start = sched.ratios(peak)
+    ours = partial(lr_factor, total_steps=epochs * steps, warmup_steps=5 * steps, min_ratio=floor, warmup_start=start)
+    rates, gaps = [], []
+    for epoch in range(epochs):
+        rates.append(opt.param_groups[0]["lr"])  # the rate this epoch trains at
+        gaps.append(max(abs(rates[-1] - peak * ours(epoch * steps + s)) for s in range(steps)) / peak)
+        theirs.step(epoch)
+    assert rates[0] == rates[1] == pytest.approx(peak * ours(0)) == pytest.approx(1e-6)  # DeiT: epochs 0 and 1
+    assert max(gaps[:6]) <= 0.40 + 1e-9 and max(gaps[6:]) <= {300: 0.011, 800: 0.004}[epochs]
+
+
+def test_a_distilled_deit_without_a_teacher_says_how_its_heads_train(caplog: pytest.LogCaptureFixture) -> None:
+    """deit_recipe trains the plain DeiT-S (README_deit.md); a distilled one with distill=none is told apart."""
+    with caplog.at_level("INFO", logger="vitrain.config"):
+        assert to_config(compose(["experiment=deit_recipe"])).model.name == "deit_small_patch16_224"
+        assert "distillation head" not in caplog.text
+        to_config(compose(["experiment=deit_recipe", "model=deit_small"]))
+    assert "both heads learn the labels" in caplog.text and "model=deit_small_plain" in caplog.text
+
+
+def test_deit3_learning_rate_is_not_scaled_by_the_batch() -> None:
+    """--unscale-lr: 4e-3 at 64 images a step on one process as at 2048 on eight."""
+    cfg = to_config(compose(["experiment=deit3_recipe"]))
+    assert [resolve(cfg, Run(b, w, 10_000))["lr"] for b, w in [(64, 1), (2048, 8)]] == [4e-3, 4e-3]
 
 
 @pytest.mark.parametrize("policy", ["v0", "original", "rand-m9-mstd0.5-inc1"])

@@ -7,7 +7,9 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,17 @@ SUMMARIZE = REPO / "scripts" / "summarize_runs.py"
 SEARCHED = ("optimizer.lr", "optimizer.weight_decay", "model.drop_path", "data.mixup", "loss.label_smoothing")
 # 2 optimizer steps an epoch on the digits (1,293 training images once 10% are held out): a few seconds a trial
 TINY = ["trainer.epochs=2", "scheduler.warmup_epochs=0", "data.batch_size=720", "trainer.progress=false"]
+# Trials that learn within a few epochs, for pruning to judge: 81 steps an epoch (batch 16), no warm-up, no
+# augmentation or regularisation, and only the learning rate searched, log-uniform over 3.5 decades. From
+# 1e-4 to 3e-3 a trial reaches 25-45% validation top-1 in 3-4 epochs (chance: 10%); at 1e-2 it stays at chance.
+# The 2-epoch runs of batch 720 above (or 4 epochs of 30% of the data at batch 32, with the 2-epoch warm-up) take
+# 2-60 steps, which leave a ViT from scratch at chance whatever its learning rate: nothing for a pruner to judge.
+# Sampler seed 3: TPE's first (random) proposals include good rates first, then clearly bad ones (1.3e-2).
+LEARNING = ["optimizer.lr=tag(log, interval(1e-5, 3e-2))", "optimizer.weight_decay=0.05", "model.drop_path=0.0",
+            "data.mixup=0.0", "loss.label_smoothing=0.0", "data.batch_size=16", "data.crop_padding=0",
+            "scheduler.warmup_epochs=0", "trainer.progress=false", "logger=[]", "hydra.sweeper.sampler.seed=3"]
+MEDIAN = ["hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=2",
+          "hydra.sweeper.pruner.n_warmup_steps=1"]  # judged from the 2nd epoch on, once 2 trials completed
 
 
 def compose_with_hydra(overrides: list[str]) -> DictConfig:
@@ -43,11 +56,13 @@ def summarize_runs() -> ModuleType:
     return module
 
 
-def run_sweep(sweep: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """``python -m vitrain.train -m hparams_search=optuna`` into ``sweep``, as a user runs it."""
+def run_sweep(sweep: Path, *overrides: str, threads: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m vitrain.train -m hparams_search=optuna`` into ``sweep``, as a user runs it; ``threads``: torch's
+    (one is steadier than two on a shared 2-core machine)."""
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     result = subprocess.run(
         [sys.executable, "-m", "vitrain.train", "-m", "hparams_search=optuna", *overrides, f"hydra.sweep.dir={sweep}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -388,6 +403,107 @@ def test_a_pruning_sweep_gives_each_trial_its_identity_and_records_pruned_runs(t
         overrides = run_overrides(tmp_path / "sweep" / str(trial.number))
         assert overrides["sweep.trial"] == str(trial.number) and overrides["sweep.study"] == "s"
         assert overrides["sweep.storage"].replace("\\", "") == f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}"
+
+
+def trial_runs(sweep: Path) -> dict[int, dict]:
+    """Each trial's metrics.json, by trial number (its run folder's name)."""
+    return {int(p.name): json.loads((p / "metrics.json").read_text()) for p in sweep.iterdir() if p.name.isdigit()}
+
+
+def check_pruned_search(sweep: Path, epochs: int):  # -> optuna.Study
+    """What a median-pruned search through the training command leaves: every trial COMPLETE or PRUNED in the
+    study, as its run's metrics.json says; each epoch reported once, as the run's history has it; a pruned run
+    stopped early, behind the median of the trials completed before it, with its last.pt and metrics.json kept."""
+    study = load_study(sweep / "optuna.db", "s")
+    runs = trial_runs(sweep)
+    assert sorted(runs) == [t.number for t in study.trials]
+    assert any(t.state.name == "PRUNED" for t in study.trials)
+    for trial in study.trials:
+        metrics, curve = runs[trial.number], trial.intermediate_values
+        assert metrics["state"] == trial.state.name.lower() and metrics["epochs"] == epochs  # complete | pruned
+        assert sorted(curve) == list(range(metrics["epochs_trained"])) == list(range(len(metrics["history"])))
+        assert list(curve.values()) == pytest.approx([row["val_top1"] for row in metrics["history"]])
+        assert (sweep / str(trial.number) / "checkpoints" / "last.pt").is_file()
+        if trial.state.name == "COMPLETE":
+            assert metrics["epochs_trained"] == epochs and trial.value == pytest.approx(metrics["final_top1"])
+            continue
+        assert 2 <= metrics["epochs_trained"] < epochs and metrics["test_top1"] is None  # spared the 1st epoch
+        step = max(curve)  # MedianPruner: its best so far is below the earlier complete trials' median there
+        done = [t.intermediate_values[step] for t in study.trials[:trial.number] if t.state.name == "COMPLETE"]
+        assert max(curve.values()) < statistics.median(done)
+    return study
+
+
+def test_a_median_pruned_search_through_the_training_command(tmp_path: Path) -> None:
+    """``hparams_search=optuna`` with the median pruner: 5 trials of 3 epochs (about 30 s). The trials learn (the
+    best reaches 2.5x chance); those behind stop early, as the study, the run folders and the summary say."""
+    pytest.importorskip("optuna")
+    sweep = tmp_path / "sweep"
+    run_sweep(sweep, "hydra.sweeper.n_trials=5", "hydra.sweeper.study_name=s", "trainer.epochs=3", *LEARNING,
+              *MEDIAN, threads=1)
+    study = check_pruned_search(sweep, epochs=3)
+    assert study.best_value >= 25.0  # chance: 10%
+    pruned = [str(t.number) for t in study.trials if t.state.name == "PRUNED"]
+    assert sum(m["epochs_trained"] for m in trial_runs(sweep).values()) < 5 * 3  # 5 x 3 without the pruner
+    summary = subprocess.run([sys.executable, str(SUMMARIZE), str(sweep)], capture_output=True, text=True,
+                             check=True).stdout
+    header = summary.splitlines()[2].split()
+    assert header[:6] == ["run", "final_top1", "best_top1", "wall_time_sec", "state", "epochs_trained"]
+    assert f"{len(pruned)} of 5 runs were pruned (stopped early by the search's pruner): {', '.join(pruned)}" in summary
+
+
+@pytest.mark.slow
+def test_pruning_trains_fewer_epochs_and_keeps_the_best_trial(tmp_path: Path) -> None:
+    """8 trials of 4 epochs with and without the median pruner, the same sampler seed (about 2 min). TPE's first
+    10 proposals are random, so both searches try the same learning rates, and a trial that runs through gets the
+    same value in both (seeded training on the CPU). Pruning trains fewer epochs and finds the same best trial; the
+    trials it stopped ended, unpruned, behind the median of those it kept."""
+    common = ["hydra.sweeper.n_trials=8", "hydra.sweeper.study_name=s", "trainer.epochs=4", *LEARNING]
+    run_sweep(tmp_path / "full", *common, threads=1)
+    run_sweep(tmp_path / "pruned", *common, *MEDIAN, threads=1)
+    full, pruned = load_study(tmp_path / "full" / "optuna.db", "s"), check_pruned_search(tmp_path / "pruned", 4)
+    assert [t.params for t in full.trials] == [t.params for t in pruned.trials]
+    kept = [a.value for a, b in zip(full.trials, pruned.trials, strict=True) if b.state.name == "COMPLETE"]
+    assert [b.value for b in pruned.trials if b.state.name == "COMPLETE"] == pytest.approx(kept)
+    assert all(a.value < statistics.median(kept) for a, b in zip(full.trials, pruned.trials, strict=True)
+               if b.state.name == "PRUNED")
+    assert pruned.best_trial.number == full.best_trial.number
+    epochs = {name: sum(m["epochs_trained"] for m in trial_runs(tmp_path / name).values()) for name in ("full",
+                                                                                                        "pruned")}
+    assert epochs["full"] == 8 * 4 and epochs["pruned"] < epochs["full"]
+
+
+def test_an_mlflow_search_is_one_run_with_a_nested_run_per_trial(tmp_path: Path) -> None:
+    """``logger=mlflow``: the sweeper keeps one store for the whole sweep (<sweep dir>/mlflow.db) and creates the
+    sweep's run there; each trial's run nests under it, tagged with its trial and study, its config (the searched
+    values among it) as params. The sweep's run has the search, each trial's value, and the best parameters."""
+    pytest.importorskip("optuna")
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    sweep = tmp_path / "sweep"
+    run_sweep(sweep, "hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=digits", "logger=mlflow",
+              "+logger.mlflow.tags.team=vision", *TINY[1:], "trainer.epochs=1")
+    client, study = MlflowClient(f"sqlite:///{sweep / 'mlflow.db'}"), load_study(sweep / "optuna.db")
+    runs = client.search_runs([client.get_experiment_by_name("vitrain").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = sorted((r for r in runs if "mlflow.parentRunId" in r.data.tags),
+                      key=lambda r: int(r.data.tags["optuna.trial"]))
+    assert parent.info.status == "FINISHED" and parent.info.run_name == f"{tmp_path.name}/sweep"
+    assert parent.data.tags["optuna.study"] == "digits" and parent.data.tags["team"] == "vision"
+    assert parent.data.params["space.optimizer.lr"] == str(study.trials[0].distributions["optimizer.lr"])
+    assert parent.data.params["best.optimizer.lr"] == str(study.best_params["optimizer.lr"])
+    assert parent.data.metrics["trials_complete"] == 2 and parent.data.metrics["best_value"] == study.best_value
+    assert [(m.step, m.value) for m in client.get_metric_history(parent.info.run_id, "trial_value")] == [
+        (t.number, t.value) for t in study.trials]
+    for trial, child in zip(study.trials, children, strict=True):
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id and child.info.status == "FINISHED"
+        assert {k: child.data.tags[k] for k in ("optuna.trial", "optuna.study", "team")} == {
+            "optuna.trial": str(trial.number), "optuna.study": "digits", "team": "vision"}
+        assert float(child.data.params["optimizer.lr"]) == trial.params["optimizer.lr"]
+        assert child.data.params["data.mixup"] == str(trial.params["data.mixup"])
+        assert child.data.metrics["final/val_top1"] == pytest.approx(trial.value)
+        assert not (sweep / str(trial.number) / "mlflow.db").exists()  # one store for the sweep, none per run
 
 
 def test_slurm_launcher_config_composes() -> None:

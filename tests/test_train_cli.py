@@ -184,6 +184,14 @@ def test_bad_config_is_refused_before_any_data_is_read(case: int, before_data_re
     assert len(result["stderr"].strip().splitlines()) == 1
 
 
+def test_a_run_refused_at_start_leaves_no_run_folder(before_data_results: tuple[Path, list[dict]]) -> None:
+    """Hydra makes the run folder (.hydra/, the log, the lock) before the config is checked: a refused run takes it
+    away again, and the folder of the data it was asked to read stays."""
+    root, results = before_data_results
+    assert all(r["code"] == 1 for r in results)
+    assert sorted(p.name for p in root.iterdir()) == ["cli_cases.json", "empty"]
+
+
 def test_keys_added_to_the_model_still_reach_its_constructor(tmp_path: Path) -> None:
     """docs/models.md's ``+model.depth=6``: a constructor argument passes, and the run trains."""
     result = run_cli([*FAST, "+model.depth=1", "+model.embed_dim=32", f"hydra.run.dir={tmp_path}/run"], tmp_path)

@@ -49,7 +49,7 @@ def test_two_step_smoke_run_writes_logs_checkpoints_metrics(tmp_path: Path) -> N
 def _digits_val_loader(cfg) -> DataLoader:
     from vitrain.data import DataConfig, build_datasets, cpu_loaders
 
-    d = cfg.data
+    d = to_config(cfg).data.with_preprocess()  # the values the run resolved (no pretrained weights: the data set's)
     digits = DataConfig("digits", mean=list(d.mean), std=list(d.std), interpolation=d.interpolation)
     splits = build_datasets(digits, cfg.model.img_size)
     return cpu_loaders(splits, 64)[1]

@@ -8,9 +8,12 @@ rate) and hands the pieces to the :class:`~vitrain.trainer.Trainer`.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +22,40 @@ from torch import nn
 
 from vitrain.config import TrainConfig
 from vitrain.data import DataSplits, build_datasets, build_loaders, build_mixup
+from vitrain.data.cache import cache_folder
+from vitrain.data.config import PREPROCESS_KEYS
 from vitrain.distill import TeacherInputs, build_criterion, build_teacher
 from vitrain.distributed import World, rank0_first
 from vitrain.errors import ConfigError
-from vitrain.loggers import Logger, LoggerConfig, MLflowLogger, MultiLogger, TensorBoardLogger, WandbLogger
+from vitrain.features import FeatureLoader, FeatureProbe, backbone_digest, cached_features, files_key
+from vitrain.loggers import Logger, LoggerConfig, MultiLogger, TensorBoardLogger, WandbLogger
+from vitrain.mlflow_logger import MLflowLogger
 from vitrain.models import create_model
 from vitrain.models.config import ModelConfig
+from vitrain.models.weights import ensure_pretrained, weights_preprocess
 from vitrain.optim import optimizer_and_schedule
 from vitrain.pruning import TrialReporter
-from vitrain.runtime import seed_everything
+from vitrain.runtime import autocast_dtype, seed_everything
 from vitrain.trainer import Loaders, Trainer
 
 log = logging.getLogger(__name__)
+
+
+def resolve_preprocess(cfg: TrainConfig) -> tuple[TrainConfig, str]:
+    """``cfg`` (a copy) with ``data.mean``, ``std``, ``interpolation`` and ``crop_pct`` set, and a line saying which
+    values and where each came from (:meth:`~vitrain.data.config.DataConfig.resolve_preprocess`: set in the config,
+    else the starting weights' own, else the data set's, else ImageNet's). The weights' values are read without
+    building the model or loading them: before any data is read, and before checkpoints and exports record them."""
+    if all(getattr(cfg.data, key) is not None for key in PREPROCESS_KEYS):
+        said = ", ".join(f"data.{k}={getattr(cfg.data, k)}" for k in PREPROCESS_KEYS)
+        return cfg, f"preprocessing: {said} (all set in the config)"
+    m = cfg.model
+    weights = weights_preprocess(m.source, m.name, m.pretrained, m.checkpoint)
+    chosen = cfg.data.resolve_preprocess(weights.values)
+    resolved = copy.copy(cfg)  # not dataclasses.replace: TrainConfig's checks (and their warnings) ran already
+    resolved.data = dataclasses.replace(cfg.data, **{k: v for k, (v, _) in chosen.items()})
+    said = ", ".join(f"data.{k}={v} ({source})" for k, (v, source) in chosen.items())
+    return resolved, f"preprocessing: {said}; the weights: {weights.origin}"
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -74,15 +99,28 @@ def build_trainer(cfg: TrainConfig, run_dir: str | Path, world: World, device: t
                                                                                                         DataSplits]:
     """Everything a training run needs, in the order that fixes the random draws (data split, loaders,
     model initialisation, teacher): the :class:`Trainer` and the data splits it trains on. The loggers come
-    first: an MLflow server that cannot be reached stops the run before any data is read."""
+    first: an MLflow server that cannot be reached stops the run before any data is read, and so do pretrained
+    weights that are neither cached nor reachable. The preprocessing is resolved (:func:`resolve_preprocess`) and
+    logged before any data is read; every piece below gets the resolved config."""
     logger = build_logger(cfg.logger, Path(run_dir), world)
+    if cfg.model.pretrained:
+        ensure_pretrained(cfg.model.source, cfg.model.name)  # seconds, not the hub client's minute of retries
+    cfg, said = resolve_preprocess(cfg)
+    log.info(said)
     splits = rank0_first(lambda: build_datasets(cfg.data, cfg.model.img_size))  # a download once, not per process
     train_loader, val_loader, test_loader = build_loaders(splits, cfg.data, cfg.model.img_size, device, cfg.seed,
                                                           world)
-    if splits.test is None:
+    if splits.test is None and cfg.data.val_fraction > 0:  # the data has no eval split of its own to test on
+        log.info("validating on %d training images held out by data.val_fraction=%g: best.pt and sweeps select on "
+                 "them; %s has no split of its own left for a final test", len(splits.val), cfg.data.val_fraction,
+                 cfg.data.name)
+    elif splits.test is None:
         log.info("validating on the %s split of %s (no data.val_fraction): best.pt and sweeps select on it",
                  "test" if cfg.data.name in ("digits", "cifar10", "cifar100") else "val", cfg.data.name)
     model = build_model(cfg.model, splits.num_classes).to(device)
+    if cfg.trainer.cache_features:  # the head trains on features the frozen backbone computed once
+        model, train_loader, val_loader, test_loader = feature_probe(cfg, model, splits, device, world,
+                                                                     train_loader, val_loader, test_loader)
     criterion = build_loss(cfg, splits.num_classes, device)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.trainer.accum_steps)
     global_batch = cfg.data.batch_size * world.size
@@ -97,10 +135,34 @@ def build_trainer(cfg: TrainConfig, run_dir: str | Path, world: World, device: t
     mixup = build_mixup(cfg.data, splits.num_classes, cfg.loss.label_smoothing)
     loaders = Loaders(train_loader, val_loader, mixup, test_loader)
     trainer_cfg = dataclasses.replace(cfg.trainer, device=str(device))  # this rank's device under torchrun
+    if cfg.trainer.cache_features:  # batches of features: no image grid, no image memory layout
+        trainer_cfg = dataclasses.replace(trainer_cfg, image_grid=0, channels_last=False)
     metadata = checkpoint_metadata(cfg, splits.class_names, global_batch, world.size)
     trial = TrialReporter.from_config(cfg.sweep) if world.is_main else None  # a pruned Optuna search's trial
     return Trainer(model, optimizer, scheduler, criterion, loaders, trainer_cfg, run_dir, metadata, logger,
                    trial), splits
+
+
+def feature_probe(cfg: TrainConfig, model: nn.Module, splits: DataSplits, device: torch.device, world: World,
+                  *loaders: Any) -> tuple[nn.Module, Any, Any, Any]:
+    """``trainer.cache_features``: the model as a :class:`~vitrain.features.FeatureProbe` and loaders of its
+    cached features (computed now, or read from the feature cache), in place of the image loaders."""
+    if world.size > 1:
+        raise ConfigError("trainer.cache_features runs in one process; start it without torchrun")
+    probe = FeatureProbe(model)  # refuses a model without one head and forward_head, before any image is read
+    key = {"model": dataclasses.asdict(cfg.model), "weights": backbone_digest(model), "seed": cfg.seed,
+           "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("batch_size", "num_workers")},
+           "views": cfg.trainer.feature_views, **{name: files_key(getattr(splits, name)) for name in ("train", "val")},
+           "test": files_key(splits.test) if splits.test is not None else None}
+    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vitrain" / "features"
+    folder = cache_folder(cfg.data.cache_dir, Path(cfg.data.root)) if cfg.data.root else home
+    dtype = autocast_dtype(cfg.trainer.precision, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
+    features = cached_features(model, dict(zip(("train", "val", "test"), loaders, strict=True)),
+                               cfg.trainer.feature_views, key, folder, device, autocast)
+    batch = cfg.data.batch_size
+    return (probe, FeatureLoader(features["train"], batch, seed=cfg.seed), FeatureLoader(features["val"], batch),
+            FeatureLoader(features["test"], batch) if "test" in features else None)
 
 
 def build_logger(cfg: LoggerConfig, run_dir: Path, world: World) -> Logger:
@@ -109,10 +171,10 @@ def build_logger(cfg: LoggerConfig, run_dir: Path, world: World) -> Logger:
     if not world.is_main:
         return Logger()
     loggers: list[Logger] = []
-    if cfg.tensorboard.enabled:
-        loggers.append(TensorBoardLogger(run_dir / "tb"))
-    if cfg.mlflow.enabled:
+    if cfg.mlflow.enabled:  # first: a tracking server that cannot be reached stops the run before any file is written
         loggers.append(MLflowLogger(cfg.mlflow, run_dir))
+    if cfg.tensorboard.enabled:
+        loggers.insert(0, TensorBoardLogger(run_dir / "tb"))
     if cfg.wandb.enabled:
         loggers.append(WandbLogger(cfg.wandb, run_dir))
     log.info("logging to %s", ", ".join(cfg.backends) or "no logger (logger=[])")
@@ -123,7 +185,9 @@ def checkpoint_metadata(cfg: TrainConfig, class_names: list[str], global_batch: 
                         world_size: int) -> dict[str, Any]:
     """What every checkpoint carries besides the training state: the plain model spec and preprocessing
     that inference rebuilds from, the class names, the data config (to evaluate on the same validation set),
-    the images per step of all processes (to resume inside an epoch), and the whole config, for the record."""
+    the images per step of all processes (to resume inside an epoch), and the whole config, for the record; the
+    preprocessing as resolved (:func:`resolve_preprocess`), which is what the run fed the model."""
+    cfg, _ = resolve_preprocess(cfg)
     preprocess = {"img_size": cfg.model.img_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
                   "interpolation": cfg.data.interpolation, "crop_pct": cfg.data.crop_pct}
     return {"model_spec": cfg.model.spec(len(class_names)), "preprocess": preprocess, "class_names": class_names,

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from omegaconf.errors import MissingMandatoryValue
 
+from vitrain import runfolder
 from vitrain.distributed import torchrun_world
 from vitrain.errors import Preempted, VitrainError, first_line
 
@@ -51,7 +52,9 @@ def error_message(error: Exception) -> str:
 
 
 def fail(message: str, rank: int | None = None) -> None:
-    """Print ``error: message`` (prefixed by the rank on ranks > 0 of a torchrun job) and exit with 1."""
+    """Print ``error: message`` (prefixed by the rank on ranks > 0 of a torchrun job) and exit with 1, taking away
+    the run folder that this run made if it holds nothing of the run yet (:func:`vitrain.runfolder.discard_unused`)."""
+    runfolder.discard_unused()
     rank = torchrun_world().rank if rank is None else rank
     print(f"{f'[rank {rank}] ' if rank else ''}error: {message}", file=sys.stderr)
     sys.exit(1)

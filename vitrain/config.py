@@ -68,6 +68,11 @@ class TrainConfig:
             raise ConfigError(f"seed must be in [0, 2**32 - 1] (NumPy's range), got {self.seed}")
         self.model.check_architecture()
         self._check_warmup()
+        self._note_two_heads_without_teacher()
+        if self.trainer.cache_features and (self.data.mixes or self.distill.name != "none" or self.model.lora.rank):
+            raise ConfigError("trainer.cache_features trains the head on features computed once: it cannot mix images "
+                              "(data.mixup, data.cutmix), distil or train LoRA adapters; turn those off, or set "
+                              "trainer.cache_features=false")
         if self.model.lora.rank > 0 and self.trainer.freeze_backbone:  # it would freeze the adapters too
             raise ConfigError("model.lora.rank > 0 trains only the adapters and the head already; "
                               "set trainer.freeze_backbone=false")
@@ -75,6 +80,16 @@ class TrainConfig:
         if resume and resume != "auto" and not Path(resume).is_file():  # find_resume_checkpoint's check, before data
             raise ConfigError(f"trainer.resume={resume}: no such file; give a last.pt, or trainer.resume=auto")
 
+
+    def _note_two_heads_without_teacher(self) -> None:
+        """A distilled DeiT (vitrain's ``*_distilled_*``: CLS and distillation heads) trained with distill=none: say
+        how its two heads train, since DeiT's own code does it otherwise."""
+        if self.distill.name == "none" and self.model.source == "vitrain" and "_distilled_" in self.model.name:
+            log.info("%s has a class and a distillation head and distill=none: both heads learn the labels (the "
+                     "loss is their mean) and evaluation averages them; DeiT's DistillationLoss with "
+                     "distillation_type='none' trains the class head only, leaving head_dist at its initial "
+                     "weights. For DeiT without distillation use the plain model (model=deit_small_plain)",
+                     self.model.name)
 
     def _check_warmup(self) -> None:
         """A warmup as long as the run never reaches ``optimizer.lr``: refused when it was chosen (a recipe, the
@@ -98,7 +113,7 @@ class EvaluateConfig:
     data: DataConfig | None = None  # another data set with the same classes; null: the checkpoint's own
     batch_size: int = 256  # images per forward pass
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
-    output: str | None = None  # the JSON to write; null: eval_<checkpoint name>.json beside the checkpoint
+    output: str | None = None  # the JSON to write; null: eval_<checkpoint name>[_<data set>].json beside it
 
 
 @dataclass
@@ -110,7 +125,7 @@ class PredictConfig:
     topk: int = 5  # how many classes to list per image
     ema: bool = False  # use the checkpoint's EMA weights (when it has them)
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
-    output: str | None = None  # the JSON to write; null: predictions.json in the run folder
+    output: str | None = None  # the JSON to write; null: <run>/predictions/<inputs name>.json
 
 
 @dataclass
@@ -237,9 +252,13 @@ def ensure_writable(path: str | Path, key: str) -> None:
 
 
 class CheckOutputFolder(Callback):
-    """Hydra callback: the run (or sweep) folder must be writable before the job starts."""
+    """Hydra callback: the run (or sweep) folder must be writable before the job starts. A run folder it makes is
+    noted, so that a run refused at start takes it away again (:func:`vitrain.runfolder.discard_unused`)."""
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        from vitrain import runfolder
+
+        runfolder.note_new(config.hydra.run.dir)
         self._check(config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:

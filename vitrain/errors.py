@@ -45,6 +45,13 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     return text.splitlines()[0][:limit] if text else type(error).__name__
 
 
+def first_sentence(error: BaseException, limit: int = 160) -> str:
+    """The first sentence of an exception's first line, for a message of our own around it: longer than ``limit``,
+    it is cut after a whole word and ends in "...", so that no word is left half."""
+    text = first_line(error, limit=10_000).split(". ")[0].rstrip(".")
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def import_extra(module: str, purpose: str, extra: str) -> ModuleType:
     """The optional package ``module``, or a one-line error: ``purpose`` needs it, and the extra that installs it."""
     try:

@@ -3,7 +3,8 @@
 Top-1/top-5, per-class accuracy, the confusion matrix (JSON, PNG and TensorBoard) and the images per second
 of the evaluation loop, for the raw weights and the EMA weights when the checkpoint has them. The model and
 the evaluation transform come from the checkpoint (:mod:`vitrain.inference`); ``data=...`` evaluates on
-another data set with the same classes.
+another data set with the same classes, written as ``eval_<checkpoint>_<data set>.json``: each data set keeps its
+own results.
 """
 
 from __future__ import annotations
@@ -21,42 +22,51 @@ from vitrain.config import CONFIG_DIR, EvaluateConfig, to_config
 from vitrain.data import build_datasets, cpu_eval_loader
 from vitrain.data.config import DataConfig
 from vitrain.errors import ConfigError
-from vitrain.inference import load_trained
+from vitrain.inference import data_label, load_trained, refuse_other_data
 from vitrain.metrics import score
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig | None = None, batch_size: int = 256,
                         device: str = "auto", output: str | Path | None = None) -> dict[str, Any]:
-    """Score a checkpoint on its validation set (or on ``data``, preprocessed as the checkpoint says) and
-    write ``eval_<name>.json`` and ``.png`` beside it, and the figure into the run's TensorBoard."""
+    """Score a checkpoint on its validation set (or on ``data``, preprocessed as the checkpoint says) and write
+    ``eval_<checkpoint name>.json`` and ``.png`` beside it (``eval_<checkpoint name>_<data set>`` for ``data``:
+    :func:`data_label`), or ``output`` and its ``.png``, and the figure into the run's TensorBoard. Where the default
+    file holds another data set of the same label, it is refused, not overwritten."""
     from torch.utils.tensorboard import SummaryWriter
 
     from vitrain.figures import confusion_figure, figure_to_array
 
     checkpoint = Path(checkpoint)
     trained = load_trained(checkpoint, device)
+    own = data is None
     data = data or trained.data
     if data is None:
         raise ConfigError(f"{checkpoint} does not say which data it was trained on; give data=... (and its keys)")
+    label, source = data_label(data)
+    name = checkpoint.stem if own else f"{checkpoint.stem}_{label}"
+    if not output:
+        output = checkpoint.with_name(f"eval_{name}.json")
+        refuse_other_data(output, source)
+    output = Path(output)
     pre = trained.preprocess  # the model's own normalization and resize, whatever the data group says
-    data = dataclasses.replace(data, mean=pre["mean"], std=pre["std"], interpolation=pre["interpolation"])
+    data = dataclasses.replace(data, mean=pre["mean"], std=pre["std"], interpolation=pre["interpolation"],
+                               crop_pct=pre.get("crop_pct", 1.0))  # 0.1.0's checkpoints: no crop, as they ran
     splits = build_datasets(data, pre["img_size"])
     if splits.class_names != trained.class_names:
         raise ConfigError(f"the data's classes {splits.class_names[:5]}... differ from the checkpoint's "
                           f"{trained.class_names[:5]}...; evaluate on data with the same classes")
     loader = cpu_eval_loader(splits.val, batch_size, data.workers)
-    result: dict[str, Any] = {"checkpoint": str(checkpoint), "data": data.name, "class_names": splits.class_names,
-                              "model": score(trained.model, loader, trained.device)}
+    result: dict[str, Any] = {"checkpoint": str(checkpoint), "data": data.name, "data_source": source,
+                              "class_names": splits.class_names, "model": score(trained.model, loader, trained.device)}
     if trained.ema is not None:
         result["model_ema"] = score(trained.ema, loader, trained.device)
-    output = Path(output) if output else checkpoint.with_name(f"eval_{checkpoint.stem}.json")
     output.write_text(json.dumps(result, indent=2))
-    title = f"{trained.spec['name']} on {data.name}: top-1 {result['model']['top1']:.2f}%"
+    title = f"{trained.spec['name']} on {label}: top-1 {result['model']['top1']:.2f}%"
     figure = confusion_figure(result["model"]["confusion"], splits.class_names, title)
     figure.savefig(output.with_suffix(".png"), dpi=120)
     with SummaryWriter(str(checkpoint.parent.parent / "tb")) as writer:
-        writer.add_image(f"eval/{checkpoint.stem}_confusion", figure_to_array(figure), dataformats="HWC")
-        writer.add_scalar(f"eval/{checkpoint.stem}_top1", result["model"]["top1"])
+        writer.add_image(f"eval/{name}_confusion", figure_to_array(figure), dataformats="HWC")
+        writer.add_scalar(f"eval/{name}_top1", result["model"]["top1"])
     return result
 
 

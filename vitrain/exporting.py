@@ -243,12 +243,13 @@ trained on `{data}`; {"the EMA weights" if weights == "ema" else "the raw weight
 ```python
 import timm
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 model = timm.create_model("local-dir:{path.name}", pretrained=True).eval()
 transform = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=model))
 with torch.no_grad():
-    probs = model(transform(Image.open("image.png").convert("RGB"))[None]).softmax(dim=1)
+    image = ImageOps.exif_transpose(Image.open("image.jpg")).convert("RGB")  # upright, as vitrain trained on it
+    probs = model(transform(image)[None]).softmax(dim=1)
 print(model.pretrained_cfg["label_names"][probs.argmax().item()])
 ```
 """

@@ -268,16 +268,20 @@ def log_end_of_training(log_dir: str | Path, model: nn.Module, val_set: Any, ste
 def confusion_figure(confusion: list[list[int]], class_names: list[str], title: str) -> Figure:
     """The row-normalised confusion matrix as a heatmap (white 0 to dark blue 1), rows the true class and
     columns the predicted one, with the counts written in (up to 20 classes) and the class names as ticks
-    (up to 40)."""
+    (up to 40). The figure is widened to the title's length, so that the title fits inside it."""
     m = np.asarray(confusion, dtype=float)
     share = m / np.maximum(m.sum(1, keepdims=True), 1)
     n = len(m)
     side = min(12.0, 2.0 + 0.35 * n)
     figure = Figure(figsize=(side + 1.0, side), layout="constrained")
+    FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     shown = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     figure.colorbar(shown, ax=ax, shrink=0.8, label="share of the true class")
-    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    ax.set(xlabel="predicted class", ylabel="true class")
+    heading = figure.suptitle(title)  # centred on the figure (an axes title is centred on the matrix, off-centre)
+    title_width = heading.get_window_extent(figure.canvas.get_renderer()).width / figure.dpi  # inches
+    figure.set_figwidth(max(side + 1.0, title_width + 0.3))
     if n <= 40:
         ax.set_xticks(range(n), class_names, rotation=90 if max(map(len, class_names)) > 2 else 0)
         ax.set_yticks(range(n), class_names)

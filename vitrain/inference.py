@@ -9,6 +9,7 @@ loads as well (:func:`load_onnx`): onnxruntime runs it, and its metadata gives t
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from vitrain.checkpoint import load_training_checkpoint
 from vitrain.data.config import DataConfig
 from vitrain.data.transforms import build_transforms
 from vitrain.distributed import resolve_device
-from vitrain.errors import VitrainError, first_line, import_extra
+from vitrain.errors import ConfigError, VitrainError, first_line, import_extra
 from vitrain.models import create_model
 
 
@@ -128,6 +129,38 @@ def load_onnx(path: str | Path, device: str = "auto") -> TrainedModel:
     return TrainedModel(model, None, eval_transform(preprocess), names, spec, preprocess, None, torch.device("cpu"))
 
 
+def run_folder(checkpoint: str | Path) -> Path:
+    """The run folder of a checkpoint in ``<run>/checkpoints/``, else the checkpoint's own folder: where predict
+    and visualize write what they make."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
 def load_for_inference(path: str | Path, device: str = "auto") -> TrainedModel:
     """A training checkpoint (:func:`load_trained`) or, for a ``.onnx`` file, an exported model (:func:`load_onnx`)."""
     return load_onnx(path, device) if Path(path).suffix == ".onnx" else load_trained(path, device)
+
+
+def data_label(data: DataConfig) -> tuple[str, str | None]:
+    """(label, source) of the data evaluated on: the source is where it is read from (``data.root``, the
+    validation file list, ``data.path``, the validation shards; None for digits), the label its name and the last
+    part of that place, as a file name may hold it (``imagefolder-photos``)."""
+    source = {"filelist": data.val_list or data.train_list, "hf": data.path,
+              "webdataset": data.val_shards}.get(data.name, data.root)
+    if not source:
+        return data.name, None
+    place = Path(str(source).rstrip("/"))
+    stem = place.name if data.name in ("imagefolder", "cifar10", "cifar100", "hf") else place.stem
+    return f"{data.name}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem).strip('_.') or 'data'}", str(source)
+
+
+def refuse_other_data(output: Path, source: str | None) -> None:
+    """A one-line error when ``output`` holds the evaluation of another data set with the same label (two
+    folders of one name): it would be overwritten."""
+    try:
+        earlier = json.loads(output.read_text()).get("data_source", source)
+    except (OSError, ValueError, AttributeError):  # none yet, or not an evaluation
+        return
+    if earlier != source:
+        raise ConfigError(f"{output} holds the evaluation on {earlier}, another data set; give output=... to keep "
+                          f"both, or remove it")

@@ -5,16 +5,14 @@ step, text, an image grid, histograms, the hyperparameters with the final metric
 ``state_dict`` (the MLflow and W&B run ids) that goes into every checkpoint, so that a resumed run continues the
 same tracked run. The base class logs nothing: it stands in on ranks other than 0 and when no logger is chosen.
 :class:`MultiLogger` fans out to several. :class:`LoggerConfig` is the schema of the ``logger`` config group;
-MLflow and W&B are imported only when chosen. :class:`RunLog` (in :mod:`vitrain.tracking`) is the Trainer's
-bookkeeping on top of these.
+the MLflow logger is in :mod:`vitrain.mlflow_logger`; MLflow and W&B are imported only when chosen.
+:class:`RunLog` (in :mod:`vitrain.tracking`) is the Trainer's bookkeeping on top of these.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("tensorboard", "mlflow", "wandb")
 WANDB_MODES = (None, "online", "offline", "disabled")
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's tag of a nested run: its parent's run id
 
 
 @dataclass
@@ -42,10 +41,13 @@ class MLflowConfig:
     """``logger=mlflow``: a run in an MLflow tracking store."""
 
     enabled: bool = False  # on when chosen: logger=mlflow or logger=[tensorboard,mlflow]
-    tracking_uri: str | None = None  # null: sqlite in the run folder (<run>/mlflow.db); http://host:5000: a server
+    tracking_uri: str | None = None  # null: sqlite in the run folder (<run>/mlflow.db; an Optuna sweep's trials:
+    #   <sweep dir>/mlflow.db); http://host:5000: a server
     experiment: str = "vitrain"  # the MLflow experiment the run goes into (created when missing)
     run_name: str | None = None  # null: the run folder's name (<time>, or <time>/<n> in a multirun)
     log_checkpoint: bool = True  # upload checkpoints/best.pt as an artifact when training ends
+    parent_run_id: str | None = None  # nest the run under this MLflow run (an Optuna sweep's trials: the sweep's run)
+    tags: dict[str, str] = field(default_factory=dict)  # the run's tags, e.g. {team: vision}; a sweep adds optuna.*
 
 
 @dataclass
@@ -220,19 +222,6 @@ def require(module: str, extra: str) -> Any:
         raise ConfigError(f"logger={extra} needs the {extra} package: pip install \"vitrain[{extra}]\"") from e
 
 
-def probe_server(uri: str, timeout: float = 5.0) -> None:
-    """A one-line error unless the tracking server at ``uri`` answers within ``timeout`` seconds; any answer
-    counts (its ``/health`` page, or an HTTP error): only a server that cannot be reached fails."""
-    try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return
-    except (OSError, ValueError) as e:  # URLError, refused, timed out, a malformed address
-        reason = getattr(e, "reason", None) or first_line(e)
-        raise VitrainError(f"cannot reach the MLflow tracking server at {uri} ({reason}); start it or fix "
-                           f"logger.mlflow.tracking_uri (nothing was trained)") from e
-
-
 def run_name(run_dir: Path) -> str:
     """A run's name from its folder: ``<date>/<time>``, or ``<time>/<n>`` in a multirun."""
     return "/".join(Path(run_dir).resolve().parts[-2:])
@@ -247,101 +236,6 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = str(list(value)) if isinstance(value, list | tuple) else value
     return flat
-
-
-class MLflowLogger(Logger):
-    """An MLflow run through the client: the flattened config as params, the metrics at their steps, the config
-    YAML, the image grid, ``metrics.json`` and ``best.pt`` as artifacts. The store is a sqlite file in the run
-    folder unless ``tracking_uri`` names one; a server is probed here, before any data is read. A server that
-    fails later stops MLflow's logging with a warning, not the training."""
-
-    def __init__(self, cfg: MLflowConfig, run_dir: Path) -> None:
-        mlflow_tracking = require("mlflow.tracking", "mlflow")
-        self.cfg, self.run_dir, self.run_id, self.failed = cfg, Path(run_dir), None, False
-        self.uri = cfg.tracking_uri or f"sqlite:///{self.run_dir.resolve() / 'mlflow.db'}"
-        if self.uri.startswith(("http://", "https://")):
-            probe_server(self.uri)
-        if cfg.tracking_uri is None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            self.client = mlflow_tracking.MlflowClient(self.uri)
-            self.experiment_id = self._experiment_id()
-        except Exception as e:  # a store that cannot be opened, an unknown scheme
-            raise VitrainError(f"cannot open the MLflow tracking store {self.uri}: {first_line(e)}; "
-                               f"fix logger.mlflow.tracking_uri (nothing was trained)") from e
-
-    def _experiment_id(self) -> str:
-        found = self.client.get_experiment_by_name(self.cfg.experiment)
-        if found is not None:
-            return found.experiment_id
-        location = None  # a server's, or the store's own default
-        if self.uri.startswith("sqlite:///"):  # beside the database file, not in ./mlruns of the working folder
-            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-        return self.client.create_experiment(self.cfg.experiment, artifact_location=location)
-
-    def start(self, config: dict[str, Any]) -> None:
-        if self.run_id is not None and self._continues():  # resumed: the same run, its params already logged
-            return
-        from mlflow.entities import Param
-
-        name = self.cfg.run_name or run_name(self.run_dir)  # given, MLflow draws no random name (no RNG use)
-        self.run_id = self.client.create_run(self.experiment_id, run_name=name).info.run_id
-        params = [Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
-        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            self._call("log_batch", params=params[i:i + 100])
-
-    def _continues(self) -> bool:
-        """Continue the checkpoint's MLflow run, if this store has it."""
-        try:
-            self.client.update_run(self.run_id, status="RUNNING")
-            return True
-        except Exception as e:
-            log.warning("the checkpoint's MLflow run %s is not in %s (%s); a new MLflow run starts", self.run_id,
-                        self.uri, first_line(e))
-            self.run_id = None
-            return False
-
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
-        """``client.method(run_id, ...)``; after a failure, a warning and no more MLflow calls."""
-        if self.run_id is None or self.failed:
-            return
-        try:
-            getattr(self.client, method)(self.run_id, *args, **kwargs)
-        except Exception as e:  # the server went away mid-run: the training goes on
-            self.failed = True
-            log.warning("MLflow logging stopped (%s); training goes on, the other loggers still log", first_line(e))
-
-    def log_scalars(self, scalars: dict[str, float], step: int) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._call("log_batch", metrics=[Metric(k, float(v), now, step) for k, v in scalars.items()])
-
-    def log_text(self, tag: str, text: str, step: int) -> None:
-        self._call("log_text", text, tag)
-
-    def log_images(self, tag: str, grid: torch.Tensor, step: int) -> None:
-        pixels = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-        self._call("log_image", pixels, artifact_file=f"{tag}.png")
-
-    def log_hparams(self, config: dict[str, Any], metrics: dict[str, float], step: int) -> None:
-        self.log_scalars(metrics, step)  # the params went in when the run started
-
-    def log_artifact(self, path: Path, checkpoint: bool = False) -> None:
-        if checkpoint and not self.cfg.log_checkpoint:
-            return
-        self._call("log_artifact", str(path), "checkpoints" if checkpoint else None)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"mlflow_run_id": self.run_id}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.run_id = state.get("mlflow_run_id") or self.run_id
-
-    def close(self, status: str = "finished") -> None:
-        self._call("set_terminated", status.upper())
 
 
 class WandbLogger(Logger):

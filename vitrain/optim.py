@@ -8,7 +8,9 @@ uses a small one for the pretrained backbone and a large one for the new head), 
 a weight-decayed part and a part without decay (biases, norm weights, tokens, position embeddings).
 
 Schedules are multipliers of each group's own base learning rate, so warmup and the floor scale
-with it, stepped once per optimizer step.
+with it, stepped once per optimizer step. An absolute floor or warmup start (``scheduler.min_lr``,
+``scheduler.warmup_lr``, DeiT's ``--min-lr`` and ``--warmup-lr``) is given for the group at ``optimizer.lr``
+and becomes that multiplier, so the other groups keep their ratio to it (as timm's ``lr_scale`` does).
 
 :class:`OptimizerConfig` and :class:`SchedulerConfig` are the schemas of the ``optimizer`` and
 ``scheduler`` config groups; :func:`optimizer_and_schedule` turns them into the two objects.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import math
 import re
 from collections.abc import Iterable
@@ -33,6 +36,7 @@ from vitrain.errors import ConfigError
 from vitrain.models.heads import classifier_names  # owned by the model layer; importable from here too
 from vitrain.models.heads import in_module as _in_module
 
+log = logging.getLogger(__name__)
 _EMBEDDING = ("patch_embed.", "cls_token", "dist_token", "pos_embed", "absolute_pos_embed")
 _BLOCK = re.compile(r"^(?:blocks\.(\d+)|layers\.(\d+)\.(?:blocks\.(\d+)|downsample))\.")
 
@@ -185,14 +189,18 @@ def lr_factor(
     kind: str = "cosine",
     decay_steps: int = 1,
     decay_rate: float = 0.1,
+    warmup_start: float | None = None,
 ) -> float:
     """Multiplier of the base learning rate at 0-based optimizer step ``step``.
 
-    Linear warmup over ``warmup_steps`` (1/W, 2/W, ..., 1), then ``cosine`` decay from 1 to
-    ``min_ratio`` at ``total_steps``, ``step`` decay (times ``decay_rate`` every ``decay_steps``,
-    never below ``min_ratio``) or ``constant`` 1.
+    Linear warmup over ``warmup_steps`` (1/W, 2/W, ..., 1; with ``warmup_start`` s: s at step 0, then
+    linear to 1 at step W, as timm's ``warmup_lr_init``), then ``cosine`` decay from 1 to ``min_ratio`` at
+    ``total_steps``, ``step`` decay (times ``decay_rate`` every ``decay_steps``, never below ``min_ratio``)
+    or ``constant`` 1.
     """
     if step < warmup_steps:
+        if warmup_start is not None:
+            return warmup_start + (1.0 - warmup_start) * step / warmup_steps
         return (step + 1) / warmup_steps
     if kind == "constant":
         return 1.0
@@ -213,12 +221,13 @@ def build_scheduler(
     min_lr_ratio: float = 0.0,
     decay_steps: int = 1,
     decay_rate: float = 0.1,
+    warmup_start: float | None = None,
 ) -> LambdaLR:
     """A per-step LambdaLR applying :func:`lr_factor` to every group's own base learning rate."""
     if name not in SCHEDULES:
         raise ConfigError(f"unknown scheduler '{name}' (scheduler.name); choose one of {', '.join(SCHEDULES)}")
     fn = partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=min_lr_ratio, kind=name,
-                 decay_steps=decay_steps, decay_rate=decay_rate)
+                 decay_steps=decay_steps, decay_rate=decay_rate, warmup_start=warmup_start)
     return LambdaLR(optimizer, fn)
 
 
@@ -234,7 +243,7 @@ class OptimizerConfig:
     momentum: float = 0.9  # momentum of sgd and the others that take one (lars, rmsprop, ...); ignored by the rest
     nesterov: bool | None = None  # Nesterov momentum; null: the name decides (timm: sgd yes, momentum no)
     eps: float | None = None  # the optimizer's epsilon; null: its own default
-    scale_lr: bool = False  # lr and backbone_lr x global batch / lr_base_batch (DeiT)
+    scale_lr: bool = False  # lr and backbone_lr x global batch / lr_base_batch (DeiT); off (and no base): lr as given
     lr_base_batch: int | None = None  # the batch that lr is given for when scaling (null: 512); setting it scales
     layer_decay: float | None = None  # layer-wise lr decay (e.g. 0.65): block k below the top gets layer_decay^k
 
@@ -282,11 +291,17 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    """The ``scheduler`` group: linear warmup, then cosine, step or constant, stepped every optimizer step."""
+    """The ``scheduler`` group: linear warmup, then cosine, step or constant, stepped every optimizer step.
+
+    ``warmup_lr`` and ``min_lr`` are absolute rates of the group at ``optimizer.lr`` (after batch scaling); the
+    other groups (``backbone_lr``, ``layer_decay``) get the same multipliers. ``min_lr`` takes precedence over
+    ``min_lr_ratio``."""
 
     name: str = "cosine"  # cosine | step | constant
     warmup_epochs: float = 0.0  # length of the linear warmup, in epochs (fractions allowed)
+    warmup_lr: float | None = None  # absolute rate of the first step (DeiT's --warmup-lr); null: 1/W of the peak
     min_lr_ratio: float = 0.0  # cosine and step: the floor, as a fraction of each group's base learning rate
+    min_lr: float | None = None  # cosine and step: absolute floor (DeiT's --min-lr); set, it replaces min_lr_ratio
     decay_epochs: float = 1.0  # step: epochs between decays
     decay_rate: float = 0.1  # step: factor applied at each decay
 
@@ -300,6 +315,21 @@ class SchedulerConfig:
         if self.decay_epochs <= 0 or not 0 < self.decay_rate <= 1:
             raise ConfigError(f"scheduler.decay_epochs must be positive and scheduler.decay_rate in (0, 1], got "
                               f"{self.decay_epochs} and {self.decay_rate}")
+        for key in ("min_lr", "warmup_lr"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ConfigError(f"scheduler.{key} must be >= 0 (or null), got {value}")
+
+    def ratios(self, peak_lr: float) -> tuple[float, float | None]:
+        """The floor and the warmup start as multipliers of ``peak_lr`` (the optimizer.lr group's rate after
+        batch scaling): ``min_lr`` when set, else ``min_lr_ratio``; ``warmup_lr`` / peak, or None (1/W)."""
+        for key in ("min_lr", "warmup_lr"):
+            value = getattr(self, key)
+            if value is not None and value > peak_lr:
+                raise ConfigError(f"scheduler.{key}={value:g} is above the peak learning rate {peak_lr:g} "
+                                  f"(optimizer.lr after batch scaling); lower it or raise the learning rate")
+        floor = self.min_lr_ratio if self.min_lr is None else self.min_lr / peak_lr
+        return floor, None if self.warmup_lr is None else self.warmup_lr / peak_lr
 
 
 def optimizer_and_schedule(
@@ -312,9 +342,15 @@ def optimizer_and_schedule(
     backbone_lr = None if optimizer.backbone_lr is None else optimizer.backbone_lr * scale
     opt = build_optimizer(model, optimizer.name, optimizer.lr * scale, backbone_lr, optimizer.weight_decay,
                           optimizer.betas, optimizer.layer_decay, optimizer.momentum, optimizer.nesterov, optimizer.eps)
+    floor, warmup_start = scheduler.ratios(optimizer.lr * scale)
     schedule = build_scheduler(
         opt, total_steps=epochs * steps_per_epoch, name=scheduler.name,
-        warmup_steps=math.ceil(scheduler.warmup_epochs * steps_per_epoch), min_lr_ratio=scheduler.min_lr_ratio,
+        warmup_steps=math.ceil(scheduler.warmup_epochs * steps_per_epoch), min_lr_ratio=floor,
         decay_steps=max(1, round(scheduler.decay_epochs * steps_per_epoch)), decay_rate=scheduler.decay_rate,
+        warmup_start=warmup_start,
     )
+    peak, factor = optimizer.lr * scale, schedule.lr_lambdas[0]
+    log.info("learning rate %.3g (optimizer.lr %g x %g at a global batch of %d), %s: first step %.3g, %g warmup "
+             "epochs, floor %.3g; stepped every optimizer step", peak, optimizer.lr, scale, global_batch,
+             scheduler.name, peak * factor(0), scheduler.warmup_epochs, peak * factor(epochs * steps_per_epoch))
     return opt, schedule

@@ -2,7 +2,9 @@
 
 The preprocessing is the evaluation transform saved with the checkpoint (resize, center crop,
 normalisation), and the labels are the class names stored in it. ``checkpoint`` may also be an ONNX file
-from ``python -m vitrain.export format=onnx``: onnxruntime runs it, preprocessed as its metadata says.
+from ``python -m vitrain.export format=onnx``: onnxruntime runs it, preprocessed as its metadata says. Each image is
+turned upright as its EXIF orientation says, as in training. The JSON goes where ``output`` says, or to
+``<run>/predictions/<inputs name>.json`` beside the checkpoint's run folder.
 """
 
 from __future__ import annotations
@@ -13,14 +15,13 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vitrain.cli import run_command
 from vitrain.config import CONFIG_DIR, PredictConfig, to_config
 from vitrain.data.datasets import open_rgb
 from vitrain.errors import DataError
-from vitrain.inference import load_for_inference
+from vitrain.inference import load_for_inference, run_folder
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -53,14 +54,21 @@ def predict(checkpoint: str | Path, inputs: str | Path, topk: int = 5, device: s
     return results
 
 
+def default_output(checkpoint: str | Path, inputs: str | Path) -> Path:
+    """``<run>/predictions/<inputs name>.json``: beside the checkpoint's run folder, as visualize's figures."""
+    inputs = Path(inputs).resolve()
+    return run_folder(checkpoint) / "predictions" / f"{inputs.stem if inputs.is_file() else inputs.name}.json"
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
-    """Print a table and write predictions.json into the run folder (or ``output``)."""
+    """Print a table and write the predictions as JSON (``output``, or :func:`default_output`)."""
 
     def run() -> None:
         c = to_config(cfg, PredictConfig)
         results = predict(c.checkpoint, c.inputs, c.topk, c.device, c.ema)
-        output = Path(c.output or Path(HydraConfig.get().runtime.output_dir) / "predictions.json")
+        output = Path(c.output) if c.output else default_output(c.checkpoint, c.inputs)
+        output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(results, indent=2))
         for r in results:
             print(f"{r['image']}: " + "  ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))

@@ -5,6 +5,9 @@ still runs) would overwrite each other's checkpoints. A run holds ``flock`` on `
 releases when the process ends, however it ends (SIGKILL, a crash, a power cut), so a stale lock cannot stop a
 relaunch. A second run into a folder in use is refused in one line naming the process that holds it. Within one
 process the lock is re-entrant (the Hydra callback takes it before Hydra writes ``.hydra/``, ``train()`` again).
+
+A run refused at start (a config error) takes away the run folder it made, when the folder holds nothing but what
+Hydra and the lock wrote (:func:`discard_unused`): no empty run folder is left behind.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from pathlib import Path
 from vitrain.errors import VitrainError
 
 LOCK_NAME = ".lock"
+START_FILES = {LOCK_NAME, ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"}  # and <job>.log
 _held: dict[Path, list[int]] = {}  # folder -> [file descriptor, times taken] of the locks this process holds
+_made: dict[Path, Path] = {}  # run folder -> the highest folder on its path that this process made (note_new)
 
 
 class RunFolderInUse(VitrainError):
@@ -58,6 +63,7 @@ def release(folder: str | Path) -> None:
     entry[1] -= 1
     if entry[1] == 0:
         del _held[folder]
+        _made.pop(folder, None)  # the run is over: its folder stays
         os.close(entry[0])  # closing the descriptor releases the flock
 
 
@@ -84,3 +90,59 @@ def _read_pid(fd: int) -> int | None:
         return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
     except (OSError, ValueError):
         return None
+
+
+def note_new(folder: str | Path) -> None:
+    """Before ``folder`` is made: remember the highest folder on its path that does not exist yet, so that a run
+    refused at start can take away what it made (:func:`discard_unused`). A folder that exists is never noted."""
+    folder = Path(folder).resolve()
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    if missing:
+        _made[folder] = missing[-1]
+
+
+def discard_unused() -> list[Path]:
+    """Remove each run folder that this process made (:func:`note_new`) and holds the lock of, when it holds nothing
+    but :data:`START_FILES`, the job's log and empty folders, and the folders made above it that are left empty;
+    then give its lock back. A folder whose lock this process does not hold (another run's, one whose lock was
+    refused) is never touched. Returns the run folders removed."""
+    removed = []
+    for folder, top in list(_made.items()):
+        if folder not in _held:  # never ours (its lock refused), or given back: not to be touched
+            del _made[folder]
+            continue
+        if not _only_start_files(folder):
+            continue
+        for root, folders, files in os.walk(folder, topdown=False):
+            for name in files:
+                os.unlink(os.path.join(root, name))
+            for name in folders:
+                os.rmdir(os.path.join(root, name))
+        folder.rmdir()
+        os.close(_held.pop(folder)[0])  # the lock file is gone; closing gives the lock back
+        del _made[folder]
+        for parent in folder.parents:  # up to the highest folder made, while they are empty
+            if not parent.is_relative_to(top) or not _remove_empty(parent):
+                break
+        removed.append(folder)
+    return removed
+
+
+def _only_start_files(folder: Path) -> bool:
+    """``folder`` holds :data:`START_FILES`, ``<job>.log`` files and empty folders, nothing else (no links)."""
+    for root, folders, files in os.walk(folder):
+        for name in folders + files:
+            path = Path(root, name)
+            relative = path.relative_to(folder).as_posix()
+            job_log = relative.endswith(".log") and "/" not in relative
+            if path.is_symlink() or (name in files and relative not in START_FILES and not job_log):
+                return False
+    return True
+
+
+def _remove_empty(folder: Path) -> bool:
+    try:
+        folder.rmdir()
+        return True
+    except OSError:  # not empty: another run's folder is in it
+        return False

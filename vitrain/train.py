@@ -63,8 +63,9 @@ def _train(cfg: TrainConfig, run_dir: Path, world: World, device: torch.device) 
     if cfg.trainer.log_images and world.is_main:
         from vitrain.figures import log_end_of_training  # matplotlib: imported only when asked for
 
-        log_end_of_training(run_dir / "tb", trainer.model, splits.val, trainer.state.step, cfg.data.mean,
-                            cfg.data.std, splits.class_names)
+        pre = trainer.metadata["preprocess"]  # the normalization as resolved (data.mean may be null: auto)
+        log_end_of_training(run_dir / "tb", trainer.model, splits.val, trainer.state.step, pre["mean"], pre["std"],
+                            splits.class_names)
     log.info("best val top-1 %.2f%%, final val top-1 %.2f%%%s, %.0f train img/s, %.1f s", metrics["best_top1"],
              metrics["final_top1"], "" if metrics["test_top1"] is None else f", test top-1 {metrics['test_top1']:.2f}%",
              metrics["train_images_per_sec"], metrics["wall_time_sec"])

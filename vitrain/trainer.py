@@ -66,6 +66,9 @@ class TrainerConfig:
     resume: str | None = None  # null: start fresh | auto: this run folder's last.pt (hydra.run.dir=<run>) | a path
     checkpoint_every_steps: int | None = None  # also write last.pt every N optimizer steps; null: at epoch ends
     keep_last: int = 1  # with > 1, also keep the N newest numbered checkpoints (checkpoints/step_*.pt)
+    cache_features: bool = False  # the frozen backbone runs once over the data (features cached on disk) and only
+    #   the head trains, on its features: a linear probe in seconds (vitrain/features.py)
+    feature_views: int = 1  # with cache_features: passes over the training images, each a draw of their augmentation
     skip_nonfinite: bool = False  # skip batches whose loss is NaN/inf (counted) instead of stopping
     max_skipped_fraction: float = 0.05  # with skip_nonfinite: stop when more of an epoch's batches (at least 1) are
     #   skipped
@@ -91,6 +94,11 @@ class TrainerConfig:
         if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
             raise ConfigError(f"trainer.checkpoint_every_steps must be at least 1 (or null), "
                               f"got {self.checkpoint_every_steps}")
+        if self.feature_views < 1:
+            raise ConfigError(f"trainer.feature_views must be at least 1, got {self.feature_views}")
+        if self.cache_features and self.unfreeze_after_epochs is not None:
+            raise ConfigError("trainer.cache_features trains the head alone; it cannot unfreeze the backbone "
+                              "(set trainer.unfreeze_after_epochs=null, or trainer.cache_features=false)")
         if not 0 <= self.max_skipped_fraction < 1:
             raise ConfigError(f"trainer.max_skipped_fraction must be in [0, 1), got {self.max_skipped_fraction}")
         if self.unfreeze_after_epochs is not None and self.unfreeze_after_epochs < 0:
@@ -258,7 +266,7 @@ class Trainer(SavesState):
                 self.guard.check()
                 epoch_loss += window.total
                 self.run_log.step(s.step, *window.pop(), grad_norm, self.learning_rates(), bar)
-            self._checkpoint_mid_epoch(epoch_loss + window.total)
+            self._checkpoint_mid_epoch(epoch_loss, window)
         self.guard.check()
         epoch_loss += window.total
         seen = int(distributed.all_reduce_sum(torch.tensor(seen)).item())  # images of all ranks
@@ -328,14 +336,14 @@ class Trainer(SavesState):
         log.warning("non-finite loss at epoch %d batch %d: batch skipped (%d so far)", epoch + 1, batch + 1,
                     self.state.skipped_nonfinite)
 
-    def _checkpoint_mid_epoch(self, epoch_loss: torch.Tensor) -> None:
+    def _checkpoint_mid_epoch(self, epoch_loss: torch.Tensor, window: LossWindow) -> None:
         """Every ``checkpoint_every_steps`` steps, and when a stop signal came: save where we are (with the
         epoch's loss so far, so that a resumed epoch reports the same mean)."""
         every, stop = self.config.checkpoint_every_steps, self.stop.received()  # every rank stops after one step
         if not stop and not (every and self.state.step % every == 0):
             return
         self.guard.check()
-        self.state.epoch_loss = distributed.all_reduce_mean(epoch_loss).item()
+        self.state.epoch_loss = distributed.all_reduce_mean(epoch_loss + window.total).item()
         path = self._save()
         if stop:
             self._preempt(stop, path)

@@ -19,7 +19,7 @@ from vitrain.config import CONFIG_DIR, VisualizeConfig, to_config
 from vitrain.data.datasets import open_rgb
 from vitrain.errors import ConfigError, DataError
 from vitrain.figures import DESCRIPTIONS, check_options, make_figures
-from vitrain.inference import load_trained
+from vitrain.inference import load_trained, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ def visualize(checkpoint: str | Path, image: str | Path, out_dir: str | Path | N
     if not figures:
         raise ConfigError(f"no map applies to {trained.spec['name']}: visualize needs attention blocks (ViT, DeiT), "
                           f"a pos_embed or a feature grid from forward_features (Swin, CNNs)")
-    run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    out = Path(out_dir) if out_dir else run / "visualize"
+    out = Path(out_dir) if out_dir else run_folder(checkpoint) / "visualize"
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for name, figure in figures.items():

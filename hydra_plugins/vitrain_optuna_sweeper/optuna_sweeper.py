@@ -4,7 +4,8 @@ Optuna each run's result (a value, or :data:`vitrain.pruning.PRUNED`), until ``n
 The study lives in ``storage`` (by default a sqlite file in the sweep folder), where optuna-dashboard reads it,
 where a later sweep with the same ``storage`` and ``study_name`` continues it, and where each trial reports its
 epochs when a pruner is set: the sweeper then appends ``sweep.trial``, ``sweep.storage`` and ``sweep.study`` to
-the trial's overrides (see :mod:`vitrain.pruning`).
+the trial's overrides (see :mod:`vitrain.pruning`). When the trials log to MLflow (``logger=mlflow``), the sweep
+is one MLflow run with a nested run per trial (see ``_mlflow_run.py``).
 """
 
 from __future__ import annotations
@@ -64,25 +65,35 @@ class VitrainOptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         """Run ``n_trials`` trials over ``params`` and the command line's sweeps; write optimization_results.yaml."""
+        from ._mlflow_run import sweep_run
         from ._search_space import parse_search_space
 
         space = parse_search_space([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
         study, n_trials = self._study(space)
+        search = {"sampler": type(study.sampler).__name__, "pruner": self.pruner, "direction": self.directions,
+                  "n_trials": n_trials, **{f"space.{k}": d for k, d in space.distributions.items()}}
+        self.mlflow_run = sweep_run(self.config, study, search)  # logger=mlflow: the trials nest under it
         log.info("Optuna study %s in %s: %d trials, %d at a time, sampler %s, pruner %s, %s", study.study_name,
-                 self._storage_url(), n_trials, self.n_jobs, type(study.sampler).__name__,
-                 type(study.pruner).__name__, "/".join(self.directions))
+                 self._storage_url(), n_trials, self.n_jobs, search["sampler"], type(study.pruner).__name__,
+                 "/".join(self.directions))
+        with self.mlflow_run.running(study):
+            self._optimize(study, space, n_trials)
+            write_results(study, Path(self.config.hydra.sweep.dir) / "optimization_results.yaml")
+
+    def _optimize(self, study: optuna.Study, space: SearchSpace, n_trials: int) -> None:
+        """Ask for ``n_jobs`` trials, run them as one batch, tell their results; until ``n_trials`` have run."""
         while n_trials > 0:
             trials = [study.ask(space.distributions) for _ in range(min(self.n_jobs, n_trials))]
             batch = [space.overrides(t.params) + self._trial_overrides(study, t) for t in trials]
             returns = self._launch(study, trials, batch)
             told = [tell(study, t, r, len(self.directions)) for t, r in zip(trials, returns, strict=True)]
+            self.mlflow_run.record(study, [t.number for t in trials])
             failures = [e for e in told if e is not None]
             if len(failures) / len(returns) > self.max_failure_rate:
                 log.error("%d of %d trials failed (max_failure_rate=%s)", len(failures), len(returns),
                           self.max_failure_rate)
                 raise failures[0]
             n_trials -= len(trials)
-        write_results(study, Path(self.config.hydra.sweep.dir) / "optimization_results.yaml")
 
     def _launch(self, study: optuna.Study, trials: list[optuna.Trial], batch: list[list[str]]) -> Sequence[JobReturn]:
         """Launch a batch of trials; if it cannot be launched (a bad override, a launcher's error), its trials are
@@ -131,11 +142,13 @@ class VitrainOptunaSweeper(Sweeper):
         return study, n_trials
 
     def _trial_overrides(self, study: optuna.Study, trial: optuna.Trial) -> list[str]:
-        """What a run needs to report to its trial: only when a pruner is set (vitrain.pruning.SweepConfig)."""
+        """What a run needs to report to its trial, when a pruner is set (vitrain.pruning.SweepConfig), and to nest
+        its MLflow run under the sweep's, when it logs to MLflow (see ``_mlflow_run``)."""
+        overrides = self.mlflow_run.trial_overrides(trial)
         if not self.prunes:
-            return []
+            return overrides
         return [f"sweep.trial={trial.number}", f"sweep.storage={Transformer.str(self._storage_url())}",
-                f"sweep.study={Transformer.str(study.study_name)}"]
+                f"sweep.study={Transformer.str(study.study_name)}", *overrides]
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, result: JobReturn, n_objectives: int) -> Exception | None:

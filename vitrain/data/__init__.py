@@ -42,7 +42,10 @@ def build_datasets(cfg: DataConfig, img_size: int) -> DataSplits:
     (relabelled 0..k-1 in the given order); with ``cfg.val_fraction``, hold out a stratified share of the
     training images as the validation set (the data set's eval split becomes the test set); keep a
     stratified ``cfg.train_fraction`` of the rest (both seeded by ``cfg.split_seed``); attach the train
-    transform (with the augmentations asked for) and the eval transform."""
+    transform (with the augmentations asked for) and the eval transform. Normalization and resize keys left at
+    null (auto) take the data set's own values here: a run with pretrained weights resolves them first
+    (:func:`vitrain.build.resolve_preprocess`)."""
+    cfg = cfg.with_preprocess()
     if cfg.name == "webdataset":
         return _shard_splits(cfg, img_size)
     train, val, names = _load(cfg)
@@ -203,7 +206,7 @@ def build_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device: to
     the device for in-memory data (gpu), or per-image transforms in loader workers (cpu). Under torchrun,
     this rank's shares of the batches (``data.batch_size`` images per rank and step). With mixup, a short
     last batch is dropped (mixup pairs the images of a batch)."""
-    world = world or World()
+    cfg, world = cfg.with_preprocess(), world or World()  # auto keys as build_datasets takes them
     pin = device.type == "cuda"
     if isinstance(splits.train, ShardStream):
         log.info("data pipeline: webdataset shards, %d loader workers", cfg.workers)

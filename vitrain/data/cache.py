@@ -2,11 +2,12 @@
 from it with batched augmentation on the device, the path that in-memory data sets already have.
 
 The cache holds each image's central square at side S = floor(img_size / crop_pct) (256 for 224 at
-crop_pct 0.875): resize the shorter side to S, center crop S x S, as the evaluation transform does before
-its last crop. Random-resized crops are drawn from that square. The file is a ``.npy`` array (N, S, S, 3)
-that ``numpy.load(..., mmap_mode="r")`` opens; the loader reads each batch's rows from it by offset, so the
-operating system's page cache holds the data, not the training process. Beside it, a manifest of the file
-list (path, size, modification time, label): a changed folder gets a new cache, never a stale one.
+crop_pct 0.875): turn it upright (its EXIF orientation), resize the shorter side to S, center crop S x S, as the
+evaluation transform does before its last crop. Random-resized crops are drawn from that square. The file is a
+``.npy`` array (N, S, S, 3) that ``numpy.load(..., mmap_mode="r")`` opens; the loader reads each batch's rows
+from it by offset, so the operating system's page cache holds the data, not the training process. Beside it, a
+manifest of the file list (path, size, modification time, label): a changed folder gets a new cache, never a stale
+one.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from vitrain.distributed import World, rank0_first
 from vitrain.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2  # 2: images turned upright as their EXIF orientation says (a cache of version 1 is rebuilt)
 
 
 def file_samples(dataset: Dataset) -> tuple[Dataset, list[int] | None]:

@@ -6,7 +6,9 @@ config becomes this object, before any data set is opened.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,19 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 TRAIN_CROPS = ("pad", "rrc")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "crop_pct")  # what the starting weights may decide
+FALLBACK = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear", "crop_pct": 1.0}  # last resort
+
+
+@dataclass
+class Preprocess:
+    """The ``data.scratch`` keys: a data set's own normalization and eval resize (its YAML's), for training without
+    pretrained weights; null keys fall back to ImageNet's mean and std, bilinear, no crop."""
+
+    mean: list[float] | None = None  # per-channel normalization mean
+    std: list[float] | None = None  # per-channel normalization std
+    interpolation: str | None = None  # resize filter: bilinear | bicubic | nearest
+    crop_pct: float | None = None  # eval: resize to img_size / crop_pct, then center crop img_size
 
 
 @dataclass
@@ -54,17 +69,23 @@ class DataConfig:
     download: bool = True  # CIFAR: fetch the archive into root when it is missing (needs network)
     test_fraction: float = 0.2  # digits: share of the images held out for testing (stratified)
     split_seed: int = 0  # seed of the digits train/test split and of train_fraction's choice, whatever the seed
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # per-channel normalization mean
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # per-channel normalization std
+    # mean, std, interpolation, crop_pct: null (auto) takes the starting weights' own values (model.pretrained, or a
+    #   model.checkpoint that says them), else data.scratch's (the data set's), else ImageNet's, bilinear, no crop;
+    #   a value set here (command line, experiment) always wins. vitrain.build.resolve_preprocess decides, and logs it
+    mean: list[float] | None = None  # per-channel normalization mean; null: auto
+    std: list[float] | None = None  # per-channel normalization std; null: auto
+    scratch: Preprocess = field(default_factory=Preprocess)  # the data set's own mean, std, interpolation and
+    #   crop_pct: used for the auto keys when the weights say nothing (training from scratch)
     val_fraction: float = 0.0  # hold out this share of the training images (stratified, seeded) for model
     #   selection; the data set's own eval split then becomes the test set, scored once at the end
     train_crop: str = "pad"  # pad: resize + random crop of the zero-padded image (CIFAR) | rrc: RandomResizedCrop
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # rrc: range of the crop's share of the area
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # rrc: range of the crop's aspect ratio
-    crop_pct: float = 1.0  # eval: resize to img_size / crop_pct, then center crop img_size (ImageNet: 0.875)
+    crop_pct: float | None = None  # eval: resize to img_size / crop_pct, then center crop img_size (ImageNet: 0.875);
+    #   null: auto
     crop_padding: int = 4  # pad: random crop after zero padding by this many pixels; 0 disables
     hflip: bool = True  # random horizontal flips
-    interpolation: str = "bilinear"  # resize filter: bilinear | bicubic | nearest
+    interpolation: str | None = None  # resize filter: bilinear | bicubic | nearest; null: auto
     auto_augment: str | None = None  # rand-m9-mstd0.5-inc1 (DeiT) | augmix-m5-w3 | original | v0 | 3a | trivialaugment
     color_jitter: float = 0.0  # brightness/contrast/saturation jitter (timm --color-jitter); off with auto_augment
     re_prob: float = 0.0  # probability of erasing a random rectangle with noise after normalization (DeiT: 0.25)
@@ -84,7 +105,10 @@ class DataConfig:
         if self.name not in DATASETS:
             raise ConfigError(f"unknown data set '{self.name}' (data.name); choose one of {', '.join(DATASETS)}")
         _choice("pipeline", self.pipeline, PIPELINES)
-        _choice("interpolation", self.interpolation, INTERPOLATIONS)
+        if isinstance(self.scratch, Mapping):  # a checkpoint's saved data config, read back as plain dicts
+            self.scratch = Preprocess(**self.scratch)
+        _check_preprocess(self, "")
+        _check_preprocess(self.scratch, "scratch.")
         if self.batch_size <= 0:
             raise ConfigError(f"data.batch_size must be positive, got {self.batch_size}")
         if self.num_workers != "auto" and (not isinstance(self.num_workers, int) or self.num_workers < 0):
@@ -107,8 +131,6 @@ class DataConfig:
             raise ConfigError(f"data.scale must be [min, max] with 0 < min <= max <= 1, got {list(self.scale)}")
         if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
             raise ConfigError(f"data.ratio must be [min, max] with 0 < min <= max, got {list(self.ratio)}")
-        if not 0 < self.crop_pct <= 1:
-            raise ConfigError(f"data.crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.aug_repeats < 1:
             raise ConfigError(f"data.aug_repeats must be at least 1 (1: off), got {self.aug_repeats}")
         if self.auto_augment:
@@ -121,10 +143,28 @@ class DataConfig:
         for key in ("mixup_prob", "mixup_switch_prob"):
             if not 0 <= getattr(self, key) <= 1:
                 raise ConfigError(f"data.{key} is a probability: set it in [0, 1], got {getattr(self, key)}")
-        if len(self.mean) != len(self.std):
-            raise ConfigError(f"data.mean and data.std need one value per channel each, got {self.mean} and {self.std}")
-        if not all(s > 0 for s in self.std):  # normalization divides by it
-            raise ConfigError(f"data.std must be positive in every channel, got {list(self.std)}")
+
+    def resolve_preprocess(self, weights: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, str]]:
+        """mean, std, interpolation and crop_pct as a run uses them, each with where it came from: set here (the
+        command line, an experiment, the user's YAML: always wins), the starting weights' own (``weights``: some of
+        these keys, from :func:`vitrain.models.weights.weights_preprocess`), the data set's (``data.scratch``),
+        else ImageNet's mean and std, bilinear, no crop."""
+        weights = {k: v for k, v in (weights or {}).items()
+                   if v is not None and (k != "interpolation" or v in INTERPOLATIONS)}  # what vitrain can do
+        resolved = {}
+        for key in PREPROCESS_KEYS:
+            for value, source in ((getattr(self, key), "set"), (weights.get(key), "the weights'"),
+                                  (getattr(self.scratch, key), "data.scratch"), (FALLBACK[key], "default")):
+                if value is not None:
+                    resolved[key] = (list(value) if isinstance(value, list | tuple) else value, source)
+                    break
+        return resolved
+
+    def with_preprocess(self, weights: Mapping[str, Any] | None = None) -> DataConfig:
+        """This config with the four keys of :meth:`resolve_preprocess` set (a copy; checked again)."""
+        if all(getattr(self, key) is not None for key in PREPROCESS_KEYS):
+            return self
+        return dataclasses.replace(self, **{k: v for k, (v, _) in self.resolve_preprocess(weights).items()})
 
     def _check_sources(self) -> None:
         """The keys each data set needs, and the options only some of them have."""
@@ -159,6 +199,19 @@ class DataConfig:
     def mixes(self) -> bool:
         """Mixup or cutmix is on: the targets become soft, and batches must be full."""
         return self.mixup > 0 or self.cutmix > 0
+
+
+def _check_preprocess(values: Preprocess | DataConfig, prefix: str) -> None:
+    """``data.{prefix}mean``, ``std``, ``interpolation`` and ``crop_pct``, where set (null: auto)."""
+    if values.interpolation is not None:
+        _choice(f"{prefix}interpolation", values.interpolation, INTERPOLATIONS)
+    if values.crop_pct is not None and not 0 < values.crop_pct <= 1:
+        raise ConfigError(f"data.{prefix}crop_pct must be in (0, 1], got {values.crop_pct}")
+    if values.mean is not None and values.std is not None and len(values.mean) != len(values.std):
+        raise ConfigError(f"data.{prefix}mean and data.{prefix}std need one value per channel each, got "
+                          f"{values.mean} and {values.std}")
+    if values.std is not None and not all(s > 0 for s in values.std):  # normalization divides by it
+        raise ConfigError(f"data.{prefix}std must be positive in every channel, got {list(values.std)}")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:

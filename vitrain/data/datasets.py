@@ -216,7 +216,10 @@ class ImageFolder(SkipUnreadable, datasets.ImageFolder):
                 samples += [(path, class_to_idx[name]) for path in paths if is_valid(path)]
             empty += [name] if len(samples) == before else []
         if empty and not allow_empty:
-            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
+            folders, plural = [os.path.join(directory, name) for name in empty], "s" * (len(empty) > 1)
+            kinds = f" ({' '.join(extensions)})" if extensions else ""
+            raise DataError(f"no image files{kinds} in the class folder{plural} {', '.join(folders)}; add images or "
+                            f"remove the empty folder{plural}")
         return samples
 
     def read(self, i: int) -> tuple[Any, int]:
@@ -268,6 +271,8 @@ def _open_folder(folder: Path, root: Path, expected: str, skip_corrupt: bool,
         images = ImageFolder(str(folder), loader=functools.partial(open_rgb, max_pixels=max_pixels))
         images.skip_corrupt = skip_corrupt
         return images
+    except DataError:  # an empty class folder, named
+        raise
     except (FileNotFoundError, OSError) as e:
         raise DataError(f"no images under {folder} (data.root={root}); expected {root}/{expected}, one folder per "
                         f"class") from e

@@ -5,23 +5,32 @@ TorchCodec's ``decode_jpeg(..., device="cuda")`` (nvJPEG; torchvision.io's, depr
 when TorchCodec is not installed), crops every image on the device (the
 random-resized crop's box from torchvision's draws; the evaluation resize and center crop), and runs the
 rest of the augmentation on the whole batch (:class:`~vitrain.data.gpu.GpuAugment`). Files that are not
-JPEGs are decoded on the CPU. Without CUDA the same code decodes on the CPU, in the main process: correct,
-but slower than ``data.decode=cpu``, which stays the default.
+JPEGs are decoded on the CPU by PIL. Without CUDA the same code decodes on the CPU, in the main process:
+correct, but slower than ``data.decode=cpu``, which stays the default.
+
+Every image is turned upright as its EXIF orientation says, as PIL's ``exif_transpose`` turns it on the other
+paths: the decoders disagree (TorchCodec's CPU decoder applies the tag, nvJPEG and torchvision's decoders do not),
+so the tag is read from the JPEG's header and set to 1 in the bytes before decoding (:func:`take_orientation`),
+and the decoded tensor is turned (:func:`orient`).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable, Iterator
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms.functional import pil_to_tensor
 
 from vitrain.data.cache import file_samples
 from vitrain.data.config import DataConfig
 from vitrain.data.datasets import DataSplits
 from vitrain.data.gpu import GpuAugment, batch_augments, batch_seed, check_batched
 from vitrain.data.samplers import build_samplers, eval_sampler
+from vitrain.data.sources import upright
 from vitrain.distributed import World
 from vitrain.errors import DataError
 from vitrain.runtime import ignore_stop_signals
@@ -65,22 +74,19 @@ def _decoders() -> tuple[Callable, Callable]:
 
 
 def decode_batch(files: list[bytes], paths: list[str], device: torch.device) -> list[torch.Tensor]:
-    """Each file's bytes as a uint8 (3, H, W) RGB image on ``device``; JPEGs decoded there in one call."""
-    data = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
-    is_jpeg = [len(d) > 2 and int(d[0]) == 0xFF and int(d[1]) == 0xD8 for d in data]
-    out: list[torch.Tensor | None] = [None] * len(data)
-    jpegs = [i for i, j in enumerate(is_jpeg) if j]
+    """Each file's bytes as an upright uint8 (3, H, W) RGB image on ``device``: JPEGs decoded there in one call
+    and turned as their EXIF orientation says, other files decoded by PIL and turned by it."""
+    data = [bytearray(f) for f in files]
+    jpegs = [i for i, d in enumerate(data) if len(d) > 2 and d[:2] == b"\xff\xd8"]
+    orientation = {i: take_orientation(data[i]) for i in jpegs}  # and the tag set to 1: no decoder turns them
+    encoded = {i: torch.frombuffer(data[i], dtype=torch.uint8) for i in jpegs}
     try:
         decode_jpeg = _decoders()[0]
-        decoded = decode_jpeg([data[i] for i in jpegs], mode="RGB", device=device) if jpegs else []
+        decoded = decode_jpeg([encoded[i] for i in jpegs], mode="RGB", device=device) if jpegs else []
     except (RuntimeError, ValueError):
-        decoded = [_decode_one(data[i], paths[i], device) for i in jpegs]  # find the file that fails
-    for i, image in zip(jpegs, decoded, strict=True):
-        out[i] = image
-    for i, j in enumerate(is_jpeg):
-        if not j:
-            out[i] = _decode_one(data[i], paths[i], device)
-    return out
+        decoded = [_decode_one(encoded[i], paths[i], device) for i in jpegs]  # find the file that fails
+    out = {i: orient(image, orientation[i]) for i, image in zip(jpegs, decoded, strict=True)}
+    return [out[i] if i in out else _decode_pil(files[i], paths[i], device) for i in range(len(files))]
 
 
 def _decode_one(data: torch.Tensor, path: str, device: torch.device) -> torch.Tensor:
@@ -88,6 +94,64 @@ def _decode_one(data: torch.Tensor, path: str, device: torch.device) -> torch.Te
         return _decoders()[1](data, mode="RGB").to(device)
     except (RuntimeError, ValueError) as e:
         raise DataError(f"cannot decode image {path} ({type(e).__name__}); remove or replace the file") from e
+
+
+def _decode_pil(data: bytes, path: str, device: torch.device) -> torch.Tensor:
+    """A file that is not a JPEG (PNG, WebP, ...), decoded and turned upright by PIL as on the other paths."""
+    try:
+        return pil_to_tensor(upright(Image.open(io.BytesIO(data))).convert("RGB")).to(device)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot decode image {path} ({type(e).__name__}); remove or replace the file") from e
+
+
+def take_orientation(jpeg: bytearray) -> int:
+    """The EXIF orientation of a JPEG (1 to 8, as PIL's ``ExifTags.Base.Orientation``; 1 without one), read from
+    its APP1 segment without decoding, and set to 1 in ``jpeg`` so that no decoder applies it on its own."""
+    pos = 2
+    while pos + 4 <= len(jpeg) and jpeg[pos] == 0xFF:
+        marker = jpeg[pos + 1]
+        if marker == 0xFF or 0xD0 <= marker <= 0xD8 or marker == 0x01:  # fill byte, markers without a length
+            pos += 1 if marker == 0xFF else 2
+            continue
+        if marker in (0xD9, 0xDA):  # the end, or the start of the scan: the headers are over
+            break
+        length = int.from_bytes(jpeg[pos + 2:pos + 4], "big")
+        if marker == 0xE1 and jpeg[pos + 4:pos + 10] == b"Exif\0\0":
+            return _take_tiff_orientation(jpeg, pos + 10, min(pos + 2 + length, len(jpeg)))
+        pos += 2 + length
+    return 1
+
+
+def _take_tiff_orientation(data: bytearray, start: int, end: int) -> int:
+    """The Orientation entry (0x0112) of the first IFD of the TIFF structure at ``data[start:end]``, set to 1."""
+    order = {b"II": "little", b"MM": "big"}.get(bytes(data[start:start + 2]))
+    if order is None or start + 8 > end:
+        return 1
+    ifd = start + int.from_bytes(data[start + 4:start + 8], order)
+    count = int.from_bytes(data[ifd:ifd + 2], order) if ifd + 2 <= end else 0
+    for entry in range(ifd + 2, min(ifd + 2 + 12 * count, end - 11), 12):
+        if int.from_bytes(data[entry:entry + 2], order) == 0x0112:
+            value = int.from_bytes(data[entry + 8:entry + 10], order)
+            data[entry + 8:entry + 10] = (1).to_bytes(2, order)
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+_TURNS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {  # PIL's exif_transpose, on (..., H, W)
+    2: lambda x: x.flip(-1),  # FLIP_LEFT_RIGHT
+    3: lambda x: x.flip(-2, -1),  # ROTATE_180
+    4: lambda x: x.flip(-2),  # FLIP_TOP_BOTTOM
+    5: lambda x: x.transpose(-2, -1),  # TRANSPOSE
+    6: lambda x: x.rot90(-1, (-2, -1)),  # ROTATE_270: a quarter turn clockwise
+    7: lambda x: x.transpose(-2, -1).flip(-2, -1),  # TRANSVERSE
+    8: lambda x: x.rot90(1, (-2, -1)),  # ROTATE_90: a quarter turn counterclockwise
+}
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """``image`` (..., H, W) turned as EXIF ``orientation`` (1 to 8) says, as PIL's ``exif_transpose`` turns it."""
+    turn = _TURNS.get(orientation)
+    return image if turn is None else turn(image).contiguous()
 
 
 class DecodingLoader:

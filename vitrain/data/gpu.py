@@ -348,6 +348,7 @@ def gpu_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device: str 
     """Train and val :class:`DeviceLoader` of in-memory splits: the train one shuffled by ``train_sampler``
     (default an :class:`~vitrain.data.EpochSampler` of ``seed``) and augmented as ``cfg`` says (dropping a
     short last batch under mixup), the val one in order (or ``val_sampler``) with the eval transform."""
+    cfg = cfg.with_preprocess()  # auto normalization keys as build_datasets takes them
     train_images, train_labels = _arrays(splits.train, "train")
     train_augment, _ = batch_augments(cfg, img_size)
     if train_sampler is None:

@@ -12,20 +12,34 @@ from torch.utils.data import Sampler
 from vitrain.data.datasets import DataSplits
 from vitrain.errors import ConfigError
 
+REPEAT_ROUND = 256  # DeiT's RASampler (and timm's RepeatAugSampler) cut a repeated epoch to multiples of 256
+
+
+def repeated_epoch_length(size: int, world_size: int = 1) -> int:
+    """Positions in an epoch of repeated augmentation, over all ranks: world_size x floor(size // 256 * 256 /
+    world_size), DeiT's ``num_selected_samples`` per rank (facebookresearch/deit samplers.py, timm's
+    RepeatAugSampler). A set smaller than 256 keeps its size (timm: ceil(size / world_size) per rank)."""
+    if size < REPEAT_ROUND:
+        return size
+    return size // REPEAT_ROUND * REPEAT_ROUND // world_size * world_size
+
 
 class EpochSampler(Sampler[int]):
     """A shuffled order that depends only on (seed, epoch), and can start part-way through an epoch:
     a resumed run sees the same remaining batches, in the same order, as a run that never stopped.
 
     With ``repeats`` = k > 1 (repeated augmentation, DeiT's RASampler and timm's ``--aug-repeats``) the
-    order is a shuffle of the images with each one repeated k times in a row, cut to ``size``: an epoch keeps
-    its length and shows size / k images k times each, with their own augmentations. Dealt out to ranks
-    (:class:`ShardedEpochSampler`), the k copies of an image go to k different ranks, as in DeiT."""
+    order is a shuffle of the images with each one repeated k times in a row, cut to
+    :func:`repeated_epoch_length` positions as DeiT cuts it: an epoch shows about size / k images k times each,
+    with their own augmentations. Dealt out to ranks (:class:`ShardedEpochSampler`), the k copies of an image
+    go to k different ranks, as in DeiT. Unlike DeiT and timm, one process repeats too (DeiT's main.py falls
+    back to a RandomSampler, timm refuses): its batches are the global batches that ``world_size`` ranks see."""
 
-    def __init__(self, size: int, seed: int = 0, repeats: int = 1) -> None:
+    def __init__(self, size: int, seed: int = 0, repeats: int = 1, world_size: int = 1) -> None:
         if repeats < 1:
             raise ConfigError(f"data.aug_repeats must be at least 1, got {repeats}")
         self.size, self.seed, self.repeats, self.epoch, self.start = size, seed, repeats, 0, 0
+        self.length = size if repeats == 1 else repeated_epoch_length(size, world_size)  # positions per epoch
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Order of ``epoch``, skipping its first ``start`` indices."""
@@ -34,13 +48,13 @@ class EpochSampler(Sampler[int]):
     def order(self) -> torch.Tensor:
         """The whole shuffled order of the current epoch."""
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        return order if self.repeats == 1 else order.repeat_interleave(self.repeats)[: self.size]
+        return order if self.repeats == 1 else order.repeat_interleave(self.repeats)[: self.length]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order()[self.start :].tolist())
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return self.length - self.start
 
 
 class ShardedEpochSampler(EpochSampler):
@@ -59,10 +73,10 @@ class ShardedEpochSampler(EpochSampler):
                  drop_last: bool = False, repeats: int = 1) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not one of the {world_size} ranks")
-        super().__init__(size, seed, repeats)
+        super().__init__(size, seed, repeats, world_size)
         self.rank, self.world_size = rank, world_size
-        tail = size % (batch_size * world_size)  # images of the last, short, step
-        self.used = size - tail if drop_last or tail < world_size else size
+        tail = self.length % (batch_size * world_size)  # images of the last, short, step
+        self.used = self.length - tail if drop_last or tail < world_size else self.length
 
     def __iter__(self) -> Iterator[int]:
         mine = self.order()[: self.used][self.rank :: self.world_size]

@@ -33,6 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitrain.data.shard_index import expand_shards, shard_classes, shard_counts, tar_reason
+from vitrain.data.sources import upright
 from vitrain.errors import DataError, first_line
 from vitrain.runtime import ignore_stop_signals
 
@@ -156,7 +157,7 @@ class ShardStream(IterableDataset):
         """(transformed image, label) of a raw sample; None for an unreadable one with ``skip_corrupt``."""
         where = f"{raw.get('__url__')}: sample {raw.get('__key__')}"
         try:
-            image = Image.open(io.BytesIO(raw[_member(raw, IMAGE_KEYS, "image")])).convert("RGB")
+            image = upright(Image.open(io.BytesIO(raw[_member(raw, IMAGE_KEYS, "image")]))).convert("RGB")
             label = raw[_member(raw, LABEL_KEYS, "label")]
             label = int(label) if "cls" in raw else int(json.loads(label)["label"])
         except (OSError, ValueError, KeyError, SyntaxError) as e:  # a DataError (an OSError): a member missing

@@ -3,8 +3,9 @@
 ``classes`` and a ``transform`` set by the caller, as torchvision's ImageFolder.
 
 How image files are read, for these and the image folders: :func:`open_rgb` under a pixel limit
-(``data.max_image_pixels``), and :class:`SkipUnreadable`, which passes over unreadable files
-(``data.skip_corrupt``), counted for the training loader (:func:`count_skipped`)."""
+(``data.max_image_pixels``), turned upright as their EXIF orientation says (:func:`upright`: a phone's photo is
+stored sideways with a tag that says how to turn it), and :class:`SkipUnreadable`, which passes over unreadable
+files (``data.skip_corrupt``), counted for the training loader (:func:`count_skipped`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import contextlib
 import csv
 import logging
 import multiprocessing
+import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -19,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from vitrain.errors import ConfigError, DataError, first_line
+from vitrain.hub import hub_online
 
 log = logging.getLogger(__name__)
 EVAL_SPLITS = ("validation", "valid", "val", "test")
@@ -31,16 +34,24 @@ MAX_IMAGE_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS, its decom
 
 def open_rgb(path: str | Path, fix: str = "remove or replace the file",
              max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
-    """An image file as RGB (ImageFolder's loader, and the inputs of predict and visualize), or a one-line
-    DataError naming the file that cannot be read and ending in ``fix``; an image of more than ``max_pixels``
-    (``data.max_image_pixels``; None: no limit) is refused as a possible decompression bomb."""
+    """An image file as RGB, upright (:func:`upright`) (ImageFolder's loader, and the inputs of predict and
+    visualize), or a one-line DataError naming the file that cannot be read and ending in ``fix``; an image of more
+    than ``max_pixels`` (``data.max_image_pixels``; None: no limit) is refused as a possible decompression bomb."""
     try:
         with open(path, "rb") as f, pixel_limit(max_pixels):
-            return Image.open(f).convert("RGB")
+            return upright(Image.open(f)).convert("RGB")
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read image {path} ({type(e).__name__}); {fix}") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(too_many_pixels(path, max_pixels, e)) from e
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned and flipped as its EXIF Orientation tag says (PIL's ``exif_transpose``), as a photo viewer
+    shows it: cameras store a photo taken in portrait sideways and tag it; the model must see what the user sees.
+    Loads the pixels; without the tag, ``image`` itself, not a copy."""
+    ImageOps.exif_transpose(image, in_place=True)
+    return image
 
 
 @contextlib.contextmanager
@@ -239,7 +250,7 @@ class HFImages(SkipUnreadable):
                 if isinstance(image, dict):  # an undecoded Image feature: {"bytes": ..., "path": ...}
                     image = open_rgb(image["path"], max_pixels=self.max_pixels) if image.get("bytes") is None \
                         else _from_bytes(image["bytes"])
-                image = image.convert("RGB")
+                image = upright(image).convert("RGB")  # a no-op for those datasets decoded and turned already
         except DataError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -260,7 +271,7 @@ class HFImages(SkipUnreadable):
 def _from_bytes(data: bytes) -> Image.Image:
     import io
 
-    return Image.open(io.BytesIO(data))
+    return upright(Image.open(io.BytesIO(data)))
 
 
 def load_hf(path: str, train_split: str, val_split: str | None, image_column: str, label_column: str,
@@ -293,23 +304,6 @@ def load_hf(path: str, train_split: str, val_split: str | None, image_column: st
     return train, val, names
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers a TCP connection: offline, a hub id fails at once
-    instead of after the client's retries."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _open_hf(path: str) -> dict[str, Any]:
     """The splits of the data at ``path`` (local first; a hub id only when nothing local has that name)."""
     try:
@@ -326,7 +320,7 @@ def _open_hf(path: str) -> dict[str, Any]:
             loaded = datasets.load_dataset("parquet", data_dir=str(local))
         elif local.is_dir():
             loaded = datasets.load_dataset("imagefolder", data_dir=str(local))
-        elif _hub_reachable():
+        elif os.environ.get("HF_DATASETS_OFFLINE") != "1" and hub_online():  # else offline: no retries
             loaded = datasets.load_dataset(path)  # a hub id: the same code as online users run
         else:
             raise DataError(f"data.path={path} is no local file or folder, and the Hugging Face hub cannot be "

@@ -50,10 +50,13 @@ class ModelConfig:
 
     extra_keys: ClassVar[str] = "an argument of the model's constructor"  # +model.depth=6 (not a config key)
     source: str = "vitrain"  # vitrain | timm | torchvision
-    name: str = "vit_nano_patch4_16"  # a vitrain model (vitrain.models.list_models()), or a timm/torchvision name
+    name: str = "vit_nano_patch4_16"  # a vitrain model (vitrain.models.list_models()), or a timm/torchvision name;
+    #   a timm tag picks the pretrained weights, and with them the preprocessing (vit_small_patch16_224.augreg_in21k)
     img_size: int = 16  # input resolution; the data pipeline resizes images to it
-    pretrained: bool = False  # start from ImageNet weights fetched from the hub (needs network)
-    checkpoint: str | None = None  # start from a local weights file instead (.pth/.pt/.bin/.safetensors)
+    pretrained: bool = False  # start from ImageNet weights: the hub's, or its local cache's offline (HF_HUB_OFFLINE=1);
+    #   data.mean, std, interpolation and crop_pct then follow the weights unless set
+    checkpoint: str | None = None  # start from a local weights file instead (.pth/.pt/.bin/.safetensors), or a
+    #   timm hub folder (local-dir:FOLDER: config.json and model.safetensors)
     reset_head: bool = False  # re-initialise the classifier after loading (new classes, same count)
     drop_path: float = 0.0  # stochastic depth rate of the deepest block (grows linearly from 0; DeiT III: every block)
     drop_rate: float = 0.0  # dropout rate
@@ -102,7 +105,7 @@ class ModelConfig:
         """``+model.KEY``: not one that vitrain sets itself, and an argument of the constructor where that is known."""
         if key in SET_FROM_CONFIG:
             raise ConfigError(f"unknown key model.{key}: vitrain sets it from {SET_FROM_CONFIG[key]}")
-        takes = constructor_arguments(self.source, self.name)
+        takes = constructor_arguments(self.source, self.name.partition(".")[0])  # without a weights tag
         if takes is None or key in takes:
             return
         close = difflib.get_close_matches(key, sorted(known | set(takes) - set(SET_FROM_CONFIG)), n=3)
@@ -121,13 +124,18 @@ def check_model_name(source: str, name: str) -> None:
     """``name`` is a model of ``source``, or the one-line error that building it would give, with close matches."""
     from vitrain.models.registry import list_models, unknown_name
 
-    if source == "vitrain" and name not in list_models():
+    arch, _, tag = name.partition(".")  # a timm tag names the pretrained weights (vit_small_patch16_224.augreg_in21k)
+    if source == "vitrain" and arch not in list_models():
         raise unknown_name("model", name, list_models(), "vitrain.models.list_models()", cutoff=0.5)
     if source == "timm":
         import timm
 
         if not timm.is_model(name):
             raise unknown_name("timm model", name, timm.list_models(), "timm.list_models()")
+    if tag and source in ("vitrain", "timm"):
+        from vitrain.models.weights import timm_pretrained_cfg
+
+        timm_pretrained_cfg(name)  # timm has weights of that tag, or a one-line error listing its tags
     if source == "torchvision":
         import torchvision
 
@@ -144,9 +152,9 @@ def constructor_arguments(source: str, name: str) -> list[str] | None:
         return None
     from torch import nn
 
-    from vitrain.models.registry import _MODELS
+    from vitrain.models.registry import model_builder
 
-    cls = typing.get_type_hints(_MODELS[name]).get("return")
+    cls = typing.get_type_hints(model_builder(name)).get("return")
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         return None
     names: list[str] = []

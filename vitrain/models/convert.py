@@ -23,8 +23,9 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed, resize_rel
 from torch import nn
 
 from vitrain.checkpoint import load_checkpoint
-from vitrain.errors import ConfigError, VitrainError, first_line
+from vitrain.errors import ConfigError, VitrainError, first_line, first_sentence
 from vitrain.models.heads import classifier_names, in_module
+from vitrain.models.weights import ensure_timm_weights, hub_folder_weights, local_path
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +282,11 @@ def _convert(
 
 
 def read_weights(path: str | Path) -> dict[str, Any]:
-    """A weights file as a dict, without running code: safetensors, or a weights-only torch pickle."""
-    path = Path(path)
+    """A weights file as a dict, without running code: safetensors, or a weights-only torch pickle; a timm hub
+    folder (``local-dir:FOLDER`` or the folder itself) gives its model.safetensors or pytorch_model.bin."""
+    path = local_path(path)
+    if path.is_dir():
+        path = hub_folder_weights(path)
     if path.suffix != ".safetensors":
         return load_checkpoint(path)
     if not path.is_file():
@@ -320,16 +324,16 @@ def load_pretrained(
 
 
 def fetch_timm_weights(name: str) -> dict[str, torch.Tensor]:
-    """timm's pretrained weights for a model name vitrain shares with timm (``model.pretrained=true``)."""
+    """timm's pretrained weights for a model name vitrain shares with timm (``model.pretrained=true``; a tag picks
+    other weights: ``vit_small_patch16_224.augreg_in21k``). Cached weights are read offline; weights neither cached
+    nor reachable are a one-line error before any download (:func:`~vitrain.models.weights.ensure_timm_weights`)."""
     import timm
 
-    if not timm.is_model(name):
-        raise ConfigError(f"timm has no model '{name}' to take pretrained weights from; "
-                          f"set model.pretrained=false, or model.checkpoint=PATH to a local weights file")
+    ensure_timm_weights(name)
     try:
         return timm.create_model(name, pretrained=True).state_dict()
-    except Exception as e:  # the hub download: no network, no cache, no weights for this name
+    except Exception as e:  # the hub answered, but the download failed
         raise VitrainError(
-            f"could not download timm's pretrained weights for '{name}' ({type(e).__name__}: {first_line(e, 160)}); "
+            f"could not download timm's pretrained weights for '{name}' ({type(e).__name__}: {first_sentence(e)}); "
             f"set model.pretrained=false and model.checkpoint=PATH to a local weights file instead"
         ) from e

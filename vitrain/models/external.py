@@ -14,9 +14,10 @@ from typing import Any
 
 from torch import nn
 
-from vitrain.errors import ConfigError, VitrainError, first_line
+from vitrain.errors import ConfigError, VitrainError, first_sentence
 from vitrain.models.heads import classifier_names
 from vitrain.models.registry import unknown_name
+from vitrain.models.weights import ensure_timm_weights, ensure_torchvision_weights
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ def _build_dropping_unsupported(build: Callable[..., nn.Module], name: str, **kw
 
 
 def _pretrained_failed(source: str, name: str, error: Exception) -> VitrainError:
-    reason = first_line(error, 200).split(". ")[0] if str(error).strip() else "no details"  # first sentence
+    """The server answered (:func:`~vitrain.models.weights.ensure_pretrained` checked), but the download failed."""
+    reason = first_sentence(error) if str(error).strip() else "no details"
     return VitrainError(
         f"could not fetch {source} weights for '{name}' ({type(error).__name__}: {reason}); without network "
         f"set model.pretrained=false and model.checkpoint=PATH to a local weights file"
@@ -61,6 +63,8 @@ def create_timm_model(
 
     if not timm.is_model(name):
         raise unknown_name("timm model", name, timm.list_models(), "timm.list_models()")
+    if pretrained:  # from the local cache when the hub is out of reach, or one line now (no retries)
+        ensure_timm_weights(name)
     try:
         model = _build_dropping_unsupported(
             timm.create_model, name, pretrained=pretrained, num_classes=num_classes, img_size=img_size,
@@ -118,6 +122,8 @@ def create_torchvision_model(
     if name not in available:
         raise unknown_name("torchvision model", name, available, "torchvision.models.list_models()")
     weights = "DEFAULT" if pretrained else None
+    if pretrained:  # torch's download cache, or download.pytorch.org answers; else one line now
+        ensure_torchvision_weights(name)
     kwargs["dropout"] = drop_rate or None
     if name.startswith("vit_") and img_size:
         kwargs["image_size"] = img_size

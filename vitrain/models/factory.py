@@ -28,14 +28,15 @@ def create_model(
 ) -> nn.Module:
     """Build ``name`` from ``source`` with a ``num_classes`` head (0: pooled features).
 
-    ``pretrained``: ImageNet weights from the hub (for vitrain's models, timm's weights of the same
-    name, converted). ``checkpoint``: a local file in any layout :mod:`vitrain.models.convert` reads,
-    loaded after; position embeddings and Swin bias tables are resampled to ``img_size``, a head of
+    ``pretrained``: ImageNet weights from the hub, or from its local cache offline (for vitrain's models, timm's
+    weights of the same name, converted; a timm tag picks which: ``vit_small_patch16_224.augreg_in21k``).
+    ``checkpoint``: a local file in any layout :mod:`vitrain.models.convert` reads, or a timm hub folder, loaded
+    after; position embeddings and Swin bias tables are resampled to ``img_size``, a head of
     another size is re-initialised, and ``reset_head`` re-initialises it anyway (new classes, same count).
     ``overrides`` go to the constructor (``drop_path_rate``, ``depth``, ...).
     """
     if source == "vitrain":
-        model = build_registered(name, num_classes, img_size, **overrides)
+        model = build_registered(name.partition(".")[0], num_classes, img_size, **overrides)  # a tag names weights
         if pretrained:
             model.model_name = name
             load_pretrained(model, fetch_timm_weights(name))

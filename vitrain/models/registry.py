@@ -36,6 +36,13 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(name for name in _MODELS if fnmatch.fnmatch(name, pattern))
 
 
+def model_builder(name: str) -> Callable[..., nn.Module]:
+    """The registered function that builds ``name`` (its return annotation names the model's class)."""
+    if name not in _MODELS:
+        raise unknown_name("model", name, _MODELS, "vitrain.models.list_models()", cutoff=0.5)
+    return _MODELS[name]
+
+
 def build_registered(name: str, num_classes: int = 1000, img_size: int | None = None, **overrides: Any) -> nn.Module:
     """Build a registered model; ``overrides`` replace the variant's defaults (depth, drop_path_rate, ...)."""
     if name not in _MODELS:

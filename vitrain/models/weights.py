@@ -1,0 +1,208 @@
+"""Starting weights: what preprocessing they were trained with, and whether they can be had without waiting.
+
+:func:`weights_preprocess` reads the mean, std, interpolation and eval crop of the weights a model starts from,
+without building it or loading them: timm's ``pretrained_cfg`` of the name (its tag, if given), torchvision's
+weights enum, the ``config.json`` of a timm hub folder, the ``preprocess`` of a vitrain checkpoint or export.
+:func:`ensure_pretrained` runs before any download: weights in the local cache are used (offline too), and
+weights that are neither cached nor reachable stop the run at once, in one line naming the ways to go on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitrain import hub
+from vitrain.errors import ConfigError, VitrainError
+
+log = logging.getLogger(__name__)
+
+KEYS = ("mean", "std", "interpolation", "crop_pct")  # what the weights say about their inputs
+HUB_FOLDER_FILES = ("model.safetensors", "pytorch_model.bin")  # a timm hub folder's weights, timm's preference
+LOCAL_DIR = "local-dir:"  # timm's prefix for a hub folder on disk
+WAYS_ON = ("or set model.checkpoint=PATH (a weights file, or a timm hub folder: local-dir:FOLDER), "
+           "or model.pretrained=false to start from random weights")  # the end of every such error: timm's weights
+WAYS_ON_TORCHVISION = "or set model.checkpoint=PATH to a local weights file, or model.pretrained=false to start " \
+                      "from random weights"
+
+
+@dataclass
+class WeightsPreprocess:
+    """What the starting weights say about their inputs (``values``: some of :data:`KEYS`; empty when unknown)
+    and where they come from, for the log."""
+
+    origin: str
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def weights_preprocess(source: str, name: str, pretrained: bool, checkpoint: str | None) -> WeightsPreprocess:
+    """The preprocessing of the weights that ``create_model`` loads for this model config: the checkpoint's when
+    one is given (it is loaded last and replaces the pretrained weights), else the pretrained weights' of
+    ``source``, else none (random initialisation)."""
+    if checkpoint:
+        return _checkpoint_preprocess(checkpoint)
+    if not pretrained:
+        return WeightsPreprocess("none (random initialisation)")
+    if source == "torchvision":
+        return _torchvision_preprocess(name)
+    return _timm_preprocess(name)  # timm's models, and vitrain's (they take timm's weights of the same name)
+
+
+def _timm_preprocess(name: str) -> WeightsPreprocess:
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, pretrained_cfg=timm_pretrained_cfg(name).to_dict())
+    values = {"mean": list(config["mean"]), "std": list(config["std"]), "interpolation": config["interpolation"],
+              "crop_pct": config["crop_pct"]}
+    return WeightsPreprocess(f"timm's pretrained_cfg of {_tagged(name)}", values)
+
+
+def timm_pretrained_cfg(name: str) -> Any:
+    """timm's ``PretrainedCfg`` of ``name`` (``arch`` or ``arch.tag``; without a tag, timm's default weights),
+    or a one-line ConfigError when timm has no weights of that name."""
+    import timm
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    arch, _ = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        raise ConfigError(f"timm has no model '{arch}' to take pretrained weights from; "
+                          f"set model.pretrained=false, or model.checkpoint=PATH to a local weights file")
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError:  # an unknown tag
+        cfg = None
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+        raise ConfigError(f"timm has no pretrained weights '{name}'; " + (
+            f"set model.name={arch}.TAG with a TAG of {', '.join(tags)}" if tags else
+            "set model.pretrained=false, or model.checkpoint=PATH to a local weights file"))
+    return cfg
+
+
+def _tagged(name: str) -> str:
+    """``name`` with the tag timm takes by default when it has none (vit_small_patch16_224.augreg_in21k_ft_in1k)."""
+    tag = timm_pretrained_cfg(name).tag
+    return f"{name}.{tag}" if tag and "." not in name else name
+
+
+def _torchvision_preprocess(name: str) -> WeightsPreprocess:
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    transform = weights.transforms()
+    values = {"mean": list(transform.mean), "std": list(transform.std),
+              "interpolation": transform.interpolation.value,
+              "crop_pct": transform.crop_size[0] / transform.resize_size[0]}  # resize 256, crop 224: 0.875
+    return WeightsPreprocess(f"torchvision's {weights} transforms()", values)
+
+
+def _checkpoint_preprocess(checkpoint: str) -> WeightsPreprocess:
+    """A timm hub folder's ``config.json``, a vitrain checkpoint's or safetensors export's ``preprocess``; any other
+    file says nothing about its inputs."""
+    path = local_path(checkpoint)
+    values: dict[str, Any] = {}
+    if path.is_dir() and (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        values = config.get("pretrained_cfg", config)  # timm's layout; older folders: one flat dict
+    elif path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            values = json.loads((f.metadata() or {}).get("preprocess", "{}"))
+    elif path.is_file():
+        values = _saved_preprocess(path)
+    values = {k: (list(v) if isinstance(v, list | tuple) else v) for k, v in values.items() if k in KEYS}
+    return WeightsPreprocess(f"model.checkpoint={checkpoint}" + ("" if values else " (it does not say its "
+                                                                 "preprocessing)"), values)
+
+
+def _saved_preprocess(path: Path) -> dict[str, Any]:
+    """The ``preprocess`` of a vitrain training checkpoint (memory-mapped: the tensors are not read), or {} for
+    another file; a file that cannot be read is left to the loader, whose error says why."""
+    import torch
+
+    from vitrain.checkpoint import upgrade
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return {}
+    return upgrade(state).get("preprocess", {}) if isinstance(state, dict) and "vitrain_version" in state else {}
+
+
+def local_path(checkpoint: str | Path) -> Path:
+    """``model.checkpoint`` as a path: timm's ``local-dir:FOLDER`` is the folder."""
+    return Path(str(checkpoint).removeprefix(LOCAL_DIR)).expanduser()
+
+
+def hub_folder_weights(folder: Path) -> Path:
+    """The weights file of a timm hub folder (``save_for_hf``'s, vitrain's ``format=timm`` export)."""
+    for name in HUB_FOLDER_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise VitrainError(f"model.checkpoint={folder} is a folder without {' or '.join(HUB_FOLDER_FILES)}; give a "
+                       f"weights file, or a timm hub folder (config.json and model.safetensors)")
+
+
+def ensure_pretrained(source: str, name: str) -> None:
+    """Before ``model.pretrained=true`` downloads anything: the weights are in the local cache, or their server
+    answers (:mod:`vitrain.hub`); else a one-line VitrainError at once, naming the ways to go on."""
+    if source == "torchvision":
+        ensure_torchvision_weights(name)
+    else:
+        ensure_timm_weights(name)
+
+
+def ensure_timm_weights(name: str) -> None:
+    """timm's weights for ``name`` can be had: the hub answers, or (offline, now for this whole process) they are
+    in the Hugging Face cache, which timm then reads without retrying."""
+    cfg = timm_pretrained_cfg(name)
+    if not cfg.hf_hub_id:  # weights at a plain URL (a few old models): torch's download cache
+        _ensure_url(f"timm's pretrained weights for '{name}'", cfg.url, WAYS_ON)
+        return
+    offline = hub.offline_by_env()
+    if hub.hub_online() or _in_hf_cache(cfg.hf_hub_id, cfg.hf_hub_filename):
+        return
+    from huggingface_hub import constants
+
+    why = ("HF_HUB_OFFLINE=1 forbids downloading" if offline else
+           f"the hub ({hub.endpoint()}) did not answer within {hub.CHECK_SECONDS:g} s")
+    raise VitrainError(
+        f"timm's pretrained weights for '{name}' are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+        f"{why}; fetch them once with network (hf download {cfg.hf_hub_id}, or a run online), then HF_HUB_OFFLINE=1 "
+        f"reads the cache (HF_HUB_CACHE moves it); {WAYS_ON}")
+
+
+def _in_hf_cache(repo_id: str, filename: str | None) -> bool:
+    """Whether the hub's local cache holds the file timm would load for ``repo_id``: ``filename``, or by default
+    model.safetensors, then pytorch_model.bin (timm's ``load_state_dict_from_hf``)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = repo_id.partition("@")
+    return any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str)
+               for f in ([filename] if filename else HUB_FOLDER_FILES))
+
+
+def ensure_torchvision_weights(name: str) -> None:
+    """torchvision's default weights for ``name`` are in torch's download cache, or their server answers."""
+    import torchvision
+
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    _ensure_url(f"torchvision's pretrained weights for '{name}'", url, WAYS_ON_TORCHVISION)
+
+
+def _ensure_url(what: str, url: str | None, ways_on: str) -> None:
+    """A file that torch.hub downloads from ``url`` is in its cache (hub dir/checkpoints), or the host answers."""
+    import torch
+
+    if not url:
+        return  # timm says it has no weights, in its own words
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    if cached.is_file() or hub.reachable(url):
+        return
+    host = url.split("/")[2]
+    raise VitrainError(f"{what} are not in torch's download cache ({cached}) and {host} did not answer within "
+                       f"{hub.CHECK_SECONDS:g} s; fetch them once with network (or copy the file there), {ways_on}")
