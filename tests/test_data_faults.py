@@ -16,7 +16,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from vitrain.data.cache import build_cache
 from vitrain.data.shards import ShardLoader, open_shards
-from vitrain.errors import DataError
+from vitrain.errors import DataError, first_line
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +177,17 @@ def test_the_command_line_prints_one_error_line(shards: Path, tmp_path: Path, fa
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith(expected), result.stderr[-3000:]
     assert lines[0].endswith("scripts/make_shards.py" if fault != "glob" else "'data.shards=\"...\"')"), lines[0]
+
+
+def test_a_shard_image_over_data_max_image_pixels_is_one_line_or_skipped(shards: Path) -> None:
+    """The shards' images are 40x30 (1,200 pixels): a limit of 1,000 refuses them as possible decompression bombs,
+    in the loader's workers too, naming the sample; with data.skip_corrupt they are skipped (here: all of them)."""
+    stream = open_shards(f"{shards}/val-{{000000..000001}}.tar", False, 0, False, max_pixels=1000)
+    with pytest.raises(DataError) as error:
+        list(ShardLoader(stream, 4, 2, seed=0, rank=0, world_size=1))
+    message = first_line(error.value, 2000)
+    assert "val-000000.tar: sample" in message and "has 1,200 pixels" in message
+    assert "over the limit of data.max_image_pixels=1000" in message
+    skipping = open_shards(f"{shards}/val-{{000000..000001}}.tar", False, 0, True, max_pixels=1000)
+    with pytest.raises(DataError, match="no sample of this worker's first batch could be read"):  # all skipped
+        list(ShardLoader(skipping, 4, 0, seed=0, rank=0, world_size=1))

@@ -113,8 +113,8 @@ def _shard_splits(cfg: DataConfig, img_size: int) -> DataSplits:
                           f"its default (write shards of the subset you want)")
     if not cfg.val_shards:
         raise ConfigError("data=webdataset needs validation shards: set data.val_shards=...")
-    train = open_shards(cfg.shards, True, cfg.shuffle_buffer, cfg.skip_corrupt, cfg.epoch_size)
-    val = open_shards(cfg.val_shards, False, 0, cfg.skip_corrupt)
+    train = open_shards(cfg.shards, True, cfg.shuffle_buffer, cfg.skip_corrupt, cfg.epoch_size, cfg.max_image_pixels)
+    val = open_shards(cfg.val_shards, False, 0, cfg.skip_corrupt, max_pixels=cfg.max_image_pixels)
     if val.classes != train.classes:
         raise DataError(f"the train and val shards list different classes ({train.classes[:5]}... vs "
                         f"{val.classes[:5]}...); give both the same classes.txt")

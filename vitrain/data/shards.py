@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitrain.data.shard_index import expand_shards, shard_classes, shard_counts, tar_reason
-from vitrain.data.sources import upright
+from vitrain.data.sources import MAX_IMAGE_PIXELS, pixel_limit, too_many_pixels, upright
 from vitrain.errors import DataError, first_line
 from vitrain.runtime import ignore_stop_signals
 
@@ -52,6 +52,7 @@ class ShardStream(IterableDataset):
         self.urls, self.counts, self.classes, self.train = urls, counts, classes, train
         self.shuffle_buffer, self.skip_corrupt, self.transform = shuffle_buffer, skip_corrupt, None
         self.seed, self.epoch, self.rank, self.world_size, self.batch_size = 0, 0, 0, 1, 1
+        self.max_pixels: int | None = MAX_IMAGE_PIXELS  # data.max_image_pixels: larger images are refused
         self.drop_last, self.start_batch, self.num_workers = False, 0, 1
 
     def __len__(self) -> int:
@@ -157,12 +158,16 @@ class ShardStream(IterableDataset):
         """(transformed image, label) of a raw sample; None for an unreadable one with ``skip_corrupt``."""
         where = f"{raw.get('__url__')}: sample {raw.get('__key__')}"
         try:
-            image = upright(Image.open(io.BytesIO(raw[_member(raw, IMAGE_KEYS, "image")]))).convert("RGB")
+            with pixel_limit(self.max_pixels):
+                image = upright(Image.open(io.BytesIO(raw[_member(raw, IMAGE_KEYS, "image")]))).convert("RGB")
             label = raw[_member(raw, LABEL_KEYS, "label")]
             label = int(label) if "cls" in raw else int(json.loads(label)["label"])
-        except (OSError, ValueError, KeyError, SyntaxError) as e:  # a DataError (an OSError): a member missing
+        except (OSError, ValueError, KeyError, SyntaxError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning) as e:  # a DataError (an OSError): a member missing
             if self.skip_corrupt:
                 return None
+            if isinstance(e, Image.DecompressionBombError | Image.DecompressionBombWarning):
+                raise DataError(too_many_pixels(where, self.max_pixels, e)) from e
             if isinstance(e, DataError):
                 raise
             raise DataError(f"{where} cannot be read ({type(e).__name__}: {first_line(e, 100)}); fix the "
@@ -281,11 +286,13 @@ class ShardLoader:
 
 
 def open_shards(spec: str, train: bool, shuffle_buffer: int, skip_corrupt: bool,
-                epoch_size: int | None = None) -> ShardStream:
+                epoch_size: int | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS) -> ShardStream:
     """The :class:`ShardStream` of ``spec``, with its per-shard counts and classes read beside the shards."""
     urls = expand_shards(spec)
     counts = shard_counts(urls, epoch_size, skip_corrupt)
     if sum(counts) == 0:
         raise DataError(f"no sample of the {len(urls)} shard(s) of '{spec}' can be read; regenerate them with "
                         f"scripts/make_shards.py")
-    return ShardStream(urls, counts, shard_classes(urls[0]), train, shuffle_buffer, skip_corrupt)
+    stream = ShardStream(urls, counts, shard_classes(urls[0]), train, shuffle_buffer, skip_corrupt)
+    stream.max_pixels = max_pixels
+    return stream
