@@ -157,3 +157,23 @@ def test_unknown_key_lists_the_keys_when_none_is_close() -> None:
     assert unknown_key("trainer.epoch", ["epochs", "device"]) == ("unknown key trainer.epoch; "
                                                                   "did you mean trainer.epochs?")
     assert unknown_key("foo", ["seed", "model"]) == "unknown key foo; choose from seed, model"
+
+
+@pytest.mark.parametrize(("command", "args", "expected"), [
+    ("evaluate", ["checkpoint=x.pt", "batchsize=3"], "error: unknown key batchsize; did you mean batch_size?"),
+    ("predict", ["checkpoint=x.pt", "inputs=y", "+topk5=3"], "error: unknown key topk5; did you mean topk?"),
+    ("visualize", ["checkpoint=x.pt", "image=a.png", "head_fussion=max"],
+     "error: unknown key head_fussion; did you mean head_fusion?"),
+    ("export", ["checkpoint=x.pt", "formt=onnx"], "error: unknown key formt; did you mean format?"),
+])
+def test_every_command_refuses_a_misspelt_key_in_one_line(command: str, args: list[str], expected: str,
+                                                          monkeypatch, capsys) -> None:
+    """The inference commands check their keys as vitrain.train does, before Hydra composes (its own message spans
+    many lines and names no key)."""
+    import importlib
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [f"vitrain-{command}", *args])
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(f"vitrain.{command}").main()
+    assert stop.value.code == 1 and capsys.readouterr().err.strip() == expected

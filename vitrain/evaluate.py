@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from vitrain.cli import run_command
+from vitrain.cli import check_override_keys, run_command
 from vitrain.config import CONFIG_DIR, EvaluateConfig, to_config
 from vitrain.data import build_datasets, cpu_eval_loader
 from vitrain.data.config import DataConfig
@@ -71,7 +72,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig | None = None, 
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float:
     """Print a short report; the JSON beside the checkpoint has everything."""
 
     def run() -> float:
@@ -85,6 +86,12 @@ def main(cfg: DictConfig) -> float:
         return result["model"]["top1"]
 
     return run_command(run)
+
+
+def main() -> None:
+    """``python -m vitrain.evaluate``: a misspelt key is one line naming the nearest keys; then the Hydra app."""
+    check_override_keys(sys.argv[1:], EvaluateConfig, CONFIG_DIR)
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -10,16 +10,18 @@ is checked against PyTorch after writing (:mod:`vitrain.exporting`).
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from vitrain.cli import run_command
+from vitrain.cli import check_override_keys, run_command
 from vitrain.config import CONFIG_DIR, ExportConfig, to_config
 from vitrain.exporting import export_checkpoint
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
-def main(cfg: DictConfig) -> str:
+def hydra_main(cfg: DictConfig) -> str:
     """Print where the export went, which weights it holds, and how close it came to PyTorch's logits."""
 
     def run() -> str:
@@ -30,6 +32,12 @@ def main(cfg: DictConfig) -> str:
         return str(result.path)
 
     return run_command(run)
+
+
+def main() -> None:
+    """``python -m vitrain.export``: a misspelt key is refused in one line with the nearest keys, then the Hydra app."""
+    check_override_keys(sys.argv[1:], ExportConfig, CONFIG_DIR)
+    hydra_main()
 
 
 if __name__ == "__main__":

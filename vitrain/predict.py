@@ -10,6 +10,7 @@ turned upright as its EXIF orientation says, as in training. The JSON goes where
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from vitrain.cli import run_command
+from vitrain.cli import check_override_keys, run_command
 from vitrain.config import CONFIG_DIR, PredictConfig, to_config
 from vitrain.data.datasets import open_rgb
 from vitrain.errors import DataError
@@ -61,7 +62,7 @@ def default_output(checkpoint: str | Path, inputs: str | Path) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     """Print a table and write the predictions as JSON (``output``, or :func:`default_output`)."""
 
     def run() -> None:
@@ -75,6 +76,12 @@ def main(cfg: DictConfig) -> None:
         print(f"({len(results)} images; {output})")
 
     run_command(run)
+
+
+def main() -> None:
+    """``python -m vitrain.predict``: a misspelt key is one line naming the nearest keys; then the Hydra app."""
+    check_override_keys(sys.argv[1:], PredictConfig, CONFIG_DIR)
+    hydra_main()
 
 
 if __name__ == "__main__":

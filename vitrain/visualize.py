@@ -8,13 +8,14 @@ similarity) and ``gradcam`` (Swin, CNNs). The figures are drawn by :mod:`vitrain
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
-from vitrain.cli import run_command
+from vitrain.cli import check_override_keys, run_command
 from vitrain.config import CONFIG_DIR, VisualizeConfig, to_config
 from vitrain.data.datasets import open_rgb
 from vitrain.errors import ConfigError, DataError
@@ -62,7 +63,7 @@ def visualize(checkpoint: str | Path, image: str | Path, out_dir: str | Path | N
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="visualize")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     """Print what was written, one line per figure."""
 
     def run() -> None:
@@ -75,6 +76,12 @@ def main(cfg: DictConfig) -> None:
               + (f"; not applicable to this model: {', '.join(skipped)})" if skipped else ")"))
 
     run_command(run)
+
+
+def main() -> None:
+    """``python -m vitrain.visualize``: a misspelt key is one line naming the nearest keys; then the Hydra app."""
+    check_override_keys(sys.argv[1:], VisualizeConfig, CONFIG_DIR)
+    hydra_main()
 
 
 if __name__ == "__main__":
