@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from torch import nn
 
 from vitrain.config import TrainConfig
 from vitrain.data import DataSplits, build_datasets, build_loaders, build_mixup
-from vitrain.data.cache import cache_folder
+from vitrain.data.cache import cache_folder, user_cache_dir
 from vitrain.data.config import PREPROCESS_KEYS
 from vitrain.distill import TeacherInputs, build_criterion, build_teacher
 from vitrain.distributed import World, rank0_first
@@ -154,8 +153,7 @@ def feature_probe(cfg: TrainConfig, model: nn.Module, splits: DataSplits, device
            "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("batch_size", "num_workers")},
            "views": cfg.trainer.feature_views, **{name: files_key(getattr(splits, name)) for name in ("train", "val")},
            "test": files_key(splits.test) if splits.test is not None else None}
-    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vitrain" / "features"
-    folder = cache_folder(cfg.data.cache_dir, Path(cfg.data.root)) if cfg.data.root else home
+    folder = cache_folder(cfg.data.cache_dir, Path(cfg.data.root)) if cfg.data.root else user_cache_dir() / "features"
     dtype = autocast_dtype(cfg.trainer.precision, device)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
     features = cached_features(model, dict(zip(("train", "val", "test"), loaders, strict=True)),

@@ -30,8 +30,9 @@ from torch import nn
 from tqdm import tqdm
 
 from vitrain.checkpoint import save_checkpoint
+from vitrain.data.cache import file_samples
 from vitrain.data.samplers import EpochSampler
-from vitrain.errors import ConfigError
+from vitrain.errors import ConfigError, DataError
 from vitrain.models.heads import classifier_names
 
 log = logging.getLogger(__name__)
@@ -141,12 +142,11 @@ def backbone_digest(model: nn.Module) -> str:
 def files_key(dataset: Any) -> list[Any] | int:
     """What identifies a data set's contents: its image files' paths, sizes and times (folders, file lists), or
     its length (in-memory sets, which their settings fix)."""
-    base = dataset
-    while hasattr(base, "dataset"):  # Subsets
-        base = base.dataset
-    samples = getattr(base, "samples", None)
-    if not samples:
+    try:
+        base, indices = file_samples(dataset)  # through Subsets, as the image cache reads them
+    except DataError:
         return len(dataset)
+    samples = base.samples if indices is None else [base.samples[i] for i in indices]
     stats = []
     for path, label in samples:
         st = os.stat(path)

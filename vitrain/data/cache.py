@@ -166,13 +166,17 @@ def cache_folder(cache_dir: str | None, data_root: Path) -> Path:
     beside = data_root / ".vitrain-cache"
     if _writable(beside):
         return beside
-    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vitrain"
-    folder = home / hashlib.sha256(str(data_root).encode()).hexdigest()[:12]
+    folder = user_cache_dir() / hashlib.sha256(str(data_root).encode()).hexdigest()[:12]
     if not _writable(folder):
         raise DataError(f"cannot write the image cache beside the data ({beside}) or to {folder}; set "
                         f"data.cache_dir to a writable folder")
     log.info("%s is read-only: the image cache goes to %s", data_root, folder)
     return folder
+
+
+def user_cache_dir() -> Path:
+    """vitrain's folder in the user's cache: ``$XDG_CACHE_HOME/vitrain`` (``~/.cache/vitrain``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vitrain"
 
 
 def _writable(folder: Path) -> bool:
