@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,6 @@ from torch import nn
 from vitrain.config import TrainConfig
 from vitrain.data import DataSplits, build_datasets, build_loaders, build_mixup
 from vitrain.data.cache import cache_folder, user_cache_dir
-from vitrain.data.config import PREPROCESS_KEYS
 from vitrain.distill import TeacherInputs, build_criterion, build_teacher
 from vitrain.distributed import World, rank0_first
 from vitrain.errors import ConfigError
@@ -41,20 +41,35 @@ log = logging.getLogger(__name__)
 
 
 def resolve_preprocess(cfg: TrainConfig) -> tuple[TrainConfig, str]:
-    """``cfg`` (a copy) with ``data.mean``, ``std``, ``interpolation`` and ``crop_pct`` set, and a line saying which
-    values and where each came from (:meth:`~vitrain.data.config.DataConfig.resolve_preprocess`: set in the config,
-    else the starting weights' own, else the data set's, else ImageNet's). The weights' values are read without
-    building the model or loading them: before any data is read, and before checkpoints and exports record them."""
-    if all(getattr(cfg.data, key) is not None for key in PREPROCESS_KEYS):
-        said = ", ".join(f"data.{k}={getattr(cfg.data, k)}" for k in PREPROCESS_KEYS)
-        return cfg, f"preprocessing: {said} (all set in the config)"
+    """``cfg`` (a copy) with ``data.mean``, ``std``, ``interpolation``, ``crop_pct`` and ``crop_mode`` set, and a
+    line saying the input size and these values and where each came from
+    (:meth:`~vitrain.data.config.DataConfig.resolve_preprocess`: set in the config, else the starting weights' own,
+    else the data set's, else ImageNet's). The weights' values are read without building the model or loading
+    them: before any data is read, and before checkpoints and exports record them."""
     m = cfg.model
     weights = weights_preprocess(m.source, m.name, m.pretrained, m.checkpoint)
     chosen = cfg.data.resolve_preprocess(weights.values)
     resolved = copy.copy(cfg)  # not dataclasses.replace: TrainConfig's checks (and their warnings) ran already
     resolved.data = dataclasses.replace(cfg.data, **{k: v for k, (v, _) in chosen.items()})
     said = ", ".join(f"data.{k}={v} ({source})" for k, (v, source) in chosen.items())
-    return resolved, f"preprocessing: {said}; the weights: {weights.origin}"
+    return resolved, f"{size_note(m, weights.values.get('img_size'))}; preprocessing: {said}; the weights: " \
+                     f"{weights.origin}"
+
+
+def size_note(model: ModelConfig, trained_at: int | None) -> str:
+    """What the log says of ``model.img_size``: the weights' own size, or the model's; or, where it was set to
+    another size than the weights were trained at, that their position tables are resampled, from which grid."""
+    if trained_at is None:
+        return f"model.img_size={model.img_size} (the model's own; the starting weights say no size)"
+    if trained_at == model.img_size:
+        return f"model.img_size={model.img_size} (the starting weights' own)"
+    found = re.search(r"patch(\d+)", model.name)
+    grids = "" if not found else (f" from a {trained_at // int(found.group(1))}x{trained_at // int(found.group(1))} "
+                                  f"grid of patches to {model.img_size // int(found.group(1))}x"
+                                  f"{model.img_size // int(found.group(1))}")
+    return (f"model.img_size={model.img_size} is set, but the starting weights were trained at {trained_at}: their "
+            f"position embedding (Swin: relative position tables) is resampled{grids}; leave model.img_size unset "
+            f"(null) to train at {trained_at}")
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -186,8 +201,13 @@ def checkpoint_metadata(cfg: TrainConfig, class_names: list[str], global_batch: 
     the images per step of all processes (to resume inside an epoch), and the whole config, for the record; the
     preprocessing as resolved (:func:`resolve_preprocess`), which is what the run fed the model."""
     cfg, _ = resolve_preprocess(cfg)
-    preprocess = {"img_size": cfg.model.img_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
-                  "interpolation": cfg.data.interpolation, "crop_pct": cfg.data.crop_pct}
+    m = cfg.model
+    preprocess = {"img_size": m.img_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+                  "interpolation": cfg.data.interpolation, "crop_pct": cfg.data.crop_pct,
+                  "crop_mode": cfg.data.crop_mode}
+    test_size = weights_preprocess(m.source, m.name, m.pretrained, m.checkpoint).values.get("test_img_size")
+    if test_size:  # timm's test_input_size: what `evaluate img_size=test` evaluates at, on request
+        preprocess["test_img_size"] = test_size
     return {"model_spec": cfg.model.spec(len(class_names)), "preprocess": preprocess, "class_names": class_names,
             "data_config": dataclasses.asdict(cfg.data), "global_batch": global_batch, "world_size": world_size,
             "config": dataclasses.asdict(cfg)}

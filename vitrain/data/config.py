@@ -23,19 +23,22 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 TRAIN_CROPS = ("pad", "rrc")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-PREPROCESS_KEYS = ("mean", "std", "interpolation", "crop_pct")  # what the starting weights may decide
-FALLBACK = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear", "crop_pct": 1.0}  # last resort
+CROP_MODES = ("center", "squash", "border")  # timm's eval crops (transforms_imagenet_eval)
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")  # what the starting weights may decide
+FALLBACK = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear", "crop_pct": 1.0,
+            "crop_mode": "center"}  # the last resort
 
 
 @dataclass
 class Preprocess:
     """The ``data.scratch`` keys: a data set's own normalization and eval resize (its YAML's), for training without
-    pretrained weights; null keys fall back to ImageNet's mean and std, bilinear, no crop."""
+    pretrained weights; null keys fall back to ImageNet's mean and std, bilinear, no crop, center."""
 
     mean: list[float] | None = None  # per-channel normalization mean
     std: list[float] | None = None  # per-channel normalization std
     interpolation: str | None = None  # resize filter: bilinear | bicubic | nearest
     crop_pct: float | None = None  # eval: resize to img_size / crop_pct, then center crop img_size
+    crop_mode: str | None = None  # eval crop: center | squash | border (as timm's)
 
 
 @dataclass
@@ -83,6 +86,9 @@ class DataConfig:
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # rrc: range of the crop's aspect ratio
     crop_pct: float | None = None  # eval: resize to img_size / crop_pct, then center crop img_size (ImageNet: 0.875);
     #   null: auto
+    crop_mode: str | None = None  # eval crop, as timm's: center (shorter side to img_size / crop_pct, centre crop) |
+    #   squash (both sides to img_size / crop_pct, centre crop) | border (longer side, padded with the mean) |
+    #   auto (= null): the weights' own (timm's pretrained_cfg crop_mode), else center
     crop_padding: int = 4  # pad: random crop after zero padding by this many pixels; 0 disables
     hflip: bool = True  # random horizontal flips
     interpolation: str | None = None  # resize filter: bilinear | bicubic | nearest; null: auto
@@ -202,7 +208,11 @@ class DataConfig:
 
 
 def _check_preprocess(values: Preprocess | DataConfig, prefix: str) -> None:
-    """``data.{prefix}mean``, ``std``, ``interpolation`` and ``crop_pct``, where set (null: auto)."""
+    """``data.{prefix}mean``, ``std``, ``interpolation``, ``crop_pct`` and ``crop_mode``, where set (null: auto)."""
+    if values.crop_mode == "auto":  # timm's word for it; null in the config
+        values.crop_mode = None
+    if values.crop_mode is not None:
+        _choice(f"{prefix}crop_mode", values.crop_mode, CROP_MODES)
     if values.interpolation is not None:
         _choice(f"{prefix}interpolation", values.interpolation, INTERPOLATIONS)
     if values.crop_pct is not None and not 0 < values.crop_pct <= 1:

@@ -52,7 +52,9 @@ class ModelConfig:
     source: str = "vitrain"  # vitrain | timm | torchvision
     name: str = "vit_nano_patch4_16"  # a vitrain model (vitrain.models.list_models()), or a timm/torchvision name;
     #   a timm tag picks the pretrained weights, and with them the preprocessing (vit_small_patch16_224.augreg_in21k)
-    img_size: int = 16  # input resolution; the data pipeline resizes images to it
+    img_size: int | None = None  # input resolution; the data pipeline resizes images to it; null: the starting
+    #   weights' own (a checkpoint's, the pretrained tag's: vit_small_patch16_384.augreg_in21k_ft_in1k is 384),
+    #   else the model's (the size its name ends in, timm's config); a size set here resamples the position tables
     pretrained: bool = False  # start from ImageNet weights: the hub's, or its local cache's offline (HF_HUB_OFFLINE=1);
     #   data.mean, std, interpolation and crop_pct then follow the weights unless set
     checkpoint: str | None = None  # start from a local weights file instead (.pth/.pt/.bin/.safetensors), or a
@@ -69,6 +71,10 @@ class ModelConfig:
             raise ConfigError(f"unknown model source '{self.source}' (model.source); "
                               f"choose one of {', '.join(SOURCES)}")
         check_model_name(self.source, self.name)
+        if self.img_size is None:  # resolved once, here: every check and every piece of the run sees the size
+            from vitrain.models.weights import input_size
+
+            self.img_size = input_size(self.source, self.name, self.pretrained, self.checkpoint)
         if self.img_size <= 0:
             raise ConfigError(f"model.img_size must be positive, got {self.img_size}")
         for key in ("drop_path", "drop_rate"):
@@ -132,16 +138,19 @@ def check_model_name(source: str, name: str) -> None:
 
         if not timm.is_model(name):
             raise unknown_name("timm model", name, timm.list_models(), "timm.list_models()")
-    if tag and source in ("vitrain", "timm"):
+    if tag and source in ("vitrain", "timm"):  # torchvision's names its weights: below
         from vitrain.models.weights import timm_pretrained_cfg
 
         timm_pretrained_cfg(name)  # timm has weights of that tag, or a one-line error listing its tags
     if source == "torchvision":
         import torchvision
 
+        from vitrain.models.weights import torchvision_weights
+
         available = torchvision.models.list_models(module=torchvision.models)
-        if name not in available:
-            raise unknown_name("torchvision model", name, available, "torchvision.models.list_models()")
+        if arch not in available:
+            raise unknown_name("torchvision model", arch, available, "torchvision.models.list_models()")
+        torchvision_weights(name)  # a weights name the model has (vit_b_16.IMAGENET1K_SWAG_E2E_V1), or one line
 
 
 def constructor_arguments(source: str, name: str) -> list[str] | None:

@@ -17,7 +17,7 @@ from torch import nn
 from vitrain.errors import ConfigError, VitrainError, first_sentence
 from vitrain.models.heads import classifier_names
 from vitrain.models.registry import unknown_name
-from vitrain.models.weights import ensure_timm_weights, ensure_torchvision_weights
+from vitrain.models.weights import ensure_timm_weights, ensure_torchvision_weights, torchvision_weights
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,20 @@ def _set_stochastic_depth(model: nn.Module, rate: float) -> None:
         m.p = m.p / top * rate if top > 0 else rate
 
 
+def _load_resampled_vit(model: nn.Module, weights: Any) -> None:
+    """torchvision's ViT ``weights`` into ``model`` built at another image size: the position embedding
+    resampled by torchvision's own ``interpolate_embeddings`` (bicubic, class token kept)."""
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    state = weights.get_state_dict(progress=False, check_hash=True)
+    old = weights.meta["min_size"][0]
+    state = interpolate_embeddings(model.image_size, model.patch_size, state)
+    log.info("resampled torchvision's %s position embedding from %dx%d patches (%d px) to %dx%d (model.img_size=%d)",
+             weights, old // model.patch_size, old // model.patch_size, old, model.image_size // model.patch_size,
+             model.image_size // model.patch_size, model.image_size)
+    model.load_state_dict(state)
+
+
 def last_linear(model: nn.Module) -> str:
     """Module path of the last ``nn.Linear``: the classifier of every torchvision classification model."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -111,24 +125,32 @@ def create_torchvision_model(
     drop_rate: float = 0.0,
     **kwargs: Any,
 ) -> nn.Module:
-    """``torchvision.models.get_model`` (ImageNet weights when ``pretrained``) with a new head.
+    """``torchvision.models.get_model`` (ImageNet weights when ``pretrained``: ``arch.WEIGHTS`` picks which, as
+    timm's tags do; ``arch`` alone takes the model's DEFAULT) with a new head.
 
     Stochastic depth is rescaled on the models that have it (Swin, ConvNeXt, EfficientNet), dropout
     goes to those whose builder takes it; torchvision's ViT takes ``image_size``.
     """
     import torchvision
 
+    arch = name.partition(".")[0]  # arch.WEIGHTS names torchvision's weights (vit_b_16.IMAGENET1K_SWAG_E2E_V1)
     available = torchvision.models.list_models(module=torchvision.models)
-    if name not in available:
-        raise unknown_name("torchvision model", name, available, "torchvision.models.list_models()")
-    weights = "DEFAULT" if pretrained else None
+    if arch not in available:
+        raise unknown_name("torchvision model", arch, available, "torchvision.models.list_models()")
+    weights = torchvision_weights(name) if pretrained else None
     if pretrained:  # torch's download cache, or download.pytorch.org answers; else one line now
         ensure_torchvision_weights(name)
     kwargs["dropout"] = drop_rate or None
-    if name.startswith("vit_") and img_size:
+    resample = False
+    if arch.startswith("vit_") and img_size:
         kwargs["image_size"] = img_size
+        # the builder refuses weights of another size: build at img_size, then load them resampled
+        resample = weights is not None and weights.meta["min_size"][0] != img_size
     try:
-        model = _build_dropping_unsupported(torchvision.models.get_model, name, weights=weights, **kwargs)
+        model = _build_dropping_unsupported(torchvision.models.get_model, arch,
+                                            weights=None if resample else weights, **kwargs)
+        if resample:
+            _load_resampled_vit(model, weights)
     except (TypeError, ValueError):
         raise
     except Exception as e:  # the download of the weights

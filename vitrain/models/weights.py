@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,9 @@ from vitrain.errors import ConfigError, VitrainError
 
 log = logging.getLogger(__name__)
 
-KEYS = ("mean", "std", "interpolation", "crop_pct")  # what the weights say about their inputs
+KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")  # what the weights say about their inputs
+SIZE_KEYS = ("img_size", "test_img_size")  # and at which size they were trained (and, timm's, tested)
+DEFAULT_SIZE = 224  # a model whose config names no input size (timm's and torchvision's default)
 HUB_FOLDER_FILES = ("model.safetensors", "pytorch_model.bin")  # a timm hub folder's weights, timm's preference
 LOCAL_DIR = "local-dir:"  # timm's prefix for a hub folder on disk
 WAYS_ON = ("or set model.checkpoint=PATH (a weights file, or a timm hub folder: local-dir:FOLDER), "
@@ -54,9 +58,13 @@ def weights_preprocess(source: str, name: str, pretrained: bool, checkpoint: str
 def _timm_preprocess(name: str) -> WeightsPreprocess:
     from timm.data import resolve_data_config
 
-    config = resolve_data_config({}, pretrained_cfg=timm_pretrained_cfg(name).to_dict())
+    cfg = timm_pretrained_cfg(name)
+    config = resolve_data_config({}, pretrained_cfg=cfg.to_dict())
     values = {"mean": list(config["mean"]), "std": list(config["std"]), "interpolation": config["interpolation"],
-              "crop_pct": config["crop_pct"]}
+              "crop_pct": config["crop_pct"], "crop_mode": config.get("crop_mode") or "center",
+              "img_size": config["input_size"][-1]}
+    if cfg.test_input_size:
+        values["test_img_size"] = cfg.test_input_size[-1]
     return WeightsPreprocess(f"timm's pretrained_cfg of {_tagged(name)}", values)
 
 
@@ -82,21 +90,80 @@ def timm_pretrained_cfg(name: str) -> Any:
     return cfg
 
 
+def input_size(source: str, name: str, pretrained: bool, checkpoint: str | None) -> int:
+    """What ``model.img_size=null`` stands for: the size the starting weights were trained at (a checkpoint's,
+    the pretrained weights' of the tag: timm's ``input_size``, torchvision's crop), else the model's own (the size
+    timm's config of the name gives, or the one a vitrain name ends in), so a 384 checkpoint trains at 384."""
+    size = weights_preprocess(source, name, pretrained, checkpoint).values.get("img_size")
+    return int(size) if size else own_input_size(source, name)
+
+
+def own_input_size(source: str, name: str) -> int:
+    """The input size a model is built for without weights: timm's pretrained config of the name (its tag's, or
+    the default weights'), torchvision's weights' crop, the size that ends a vitrain name; 224 where none says."""
+    if source == "torchvision":
+        weights = torchvision_weights(name)
+        return weights.transforms().crop_size[0] if weights is not None else DEFAULT_SIZE
+    arch = name.partition(".")[0]
+    if source == "vitrain":
+        found = re.search(r"_(\d+)$", arch)
+        return int(found.group(1)) if found else DEFAULT_SIZE
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError:
+        cfg = None
+    return cfg.input_size[-1] if cfg is not None and cfg.input_size else DEFAULT_SIZE
+
+
 def _tagged(name: str) -> str:
     """``name`` with the tag timm takes by default when it has none (vit_small_patch16_224.augreg_in21k_ft_in1k)."""
     tag = timm_pretrained_cfg(name).tag
     return f"{name}.{tag}" if tag and "." not in name else name
 
 
-def _torchvision_preprocess(name: str) -> WeightsPreprocess:
+def torchvision_weights(name: str) -> Any:
+    """torchvision's weights enum member that ``name`` picks: ``arch.WEIGHTS`` (vit_b_16.IMAGENET1K_SWAG_E2E_V1),
+    or the model's ``DEFAULT`` for a plain ``arch``; a name the model lacks is a one-line ConfigError listing its
+    weights, and a model without weights (``None``) gives None."""
     import torchvision
 
-    weights = torchvision.models.get_model_weights(name).DEFAULT
+    arch, _, tag = name.partition(".")
+    try:
+        choices = torchvision.models.get_model_weights(arch)
+    except (KeyError, ValueError):  # a model torchvision has no weights for
+        choices = None
+    names = [w.name for w in choices] if choices is not None else []
+    if not tag:
+        return choices.DEFAULT if names else None
+    if tag not in names and tag != "DEFAULT":
+        listing = f"set model.name={arch}.W with W one of {', '.join(names)}" if names else \
+            "torchvision has no weights for it: set model.pretrained=false"
+        raise ConfigError(f"torchvision's {arch} has no weights '{tag}'; {listing}")
+    return choices[tag]
+
+
+def _torchvision_preprocess(name: str) -> WeightsPreprocess:
+    weights = torchvision_weights(name)
+    if weights is None:
+        raise ConfigError(f"torchvision has no pretrained weights for '{name}'; set model.pretrained=false, or "
+                          f"model.checkpoint=PATH to a local weights file")
     transform = weights.transforms()
+    crop, resize = transform.crop_size[0], transform.resize_size[0]
     values = {"mean": list(transform.mean), "std": list(transform.std),
-              "interpolation": transform.interpolation.value,
-              "crop_pct": transform.crop_size[0] / transform.resize_size[0]}  # resize 256, crop 224: 0.875
+              "interpolation": transform.interpolation.value, "crop_pct": crop_pct_of(crop, resize),
+              "crop_mode": "center", "img_size": crop}  # ImageClassification: shorter side to resize, centre crop
     return WeightsPreprocess(f"torchvision's {weights} transforms()", values)
+
+
+def crop_pct_of(crop: int, resize: int) -> float:
+    """The ``crop_pct`` whose ``floor(crop / crop_pct)`` is ``resize`` (timm's rule): crop / resize, moved down by
+    a rounding step where float division lands just below the integer (resize 256, crop 224: 0.875)."""
+    pct = crop / resize
+    while math.floor(crop / pct) < resize:
+        pct = math.nextafter(pct, 0.0)
+    return pct
 
 
 def _checkpoint_preprocess(checkpoint: str) -> WeightsPreprocess:
@@ -106,7 +173,11 @@ def _checkpoint_preprocess(checkpoint: str) -> WeightsPreprocess:
     values: dict[str, Any] = {}
     if path.is_dir() and (path / "config.json").is_file():
         config = json.loads((path / "config.json").read_text())
-        values = config.get("pretrained_cfg", config)  # timm's layout; older folders: one flat dict
+        values = dict(config.get("pretrained_cfg", config))  # timm's layout; older folders: one flat dict
+        if "input_size" in values:
+            values["img_size"] = values["input_size"][-1]
+        if values.get("test_input_size"):
+            values["test_img_size"] = values["test_input_size"][-1]
     elif path.suffix == ".safetensors" and path.is_file():
         from safetensors import safe_open
 
@@ -114,7 +185,8 @@ def _checkpoint_preprocess(checkpoint: str) -> WeightsPreprocess:
             values = json.loads((f.metadata() or {}).get("preprocess", "{}"))
     elif path.is_file():
         values = _saved_preprocess(path)
-    values = {k: (list(v) if isinstance(v, list | tuple) else v) for k, v in values.items() if k in KEYS}
+    values = {k: (list(v) if isinstance(v, list | tuple) else v) for k, v in values.items()
+              if k in KEYS + SIZE_KEYS and v is not None}
     return WeightsPreprocess(f"model.checkpoint={checkpoint}" + ("" if values else " (it does not say its "
                                                                  "preprocessing)"), values)
 
@@ -187,10 +259,12 @@ def _in_hf_cache(repo_id: str, filename: str | None) -> bool:
 
 
 def ensure_torchvision_weights(name: str) -> None:
-    """torchvision's default weights for ``name`` are in torch's download cache, or their server answers."""
-    import torchvision
-
-    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    """torchvision's weights for ``name`` (``arch.WEIGHTS``, or the default) are in torch's download cache, or
+    their server answers."""
+    weights = torchvision_weights(name)
+    if weights is None:
+        raise ConfigError(f"torchvision has no pretrained weights for '{name}'; set model.pretrained=false")
+    url = weights.url
     _ensure_url(f"torchvision's pretrained weights for '{name}'", url, WAYS_ON_TORCHVISION)
 
 
