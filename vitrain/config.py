@@ -66,6 +66,7 @@ class TrainConfig:
         sets them on the group's object before this one is made)."""
         if not 0 <= self.seed <= 2**32 - 1:  # NumPy's seed range (seed_everything seeds NumPy with it)
             raise ConfigError(f"seed must be in [0, 2**32 - 1] (NumPy's range), got {self.seed}")
+        self.model.resolve_img_size()
         self.model.check_architecture()
         self._check_warmup()
         self._note_two_heads_without_teacher()
@@ -113,7 +114,9 @@ class EvaluateConfig:
     data: DataConfig | None = None  # another data set with the same classes; null: the checkpoint's own
     batch_size: int = 256  # images per forward pass
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
-    output: str | None = None  # the JSON to write; null: eval_<checkpoint name>[_<data set>].json beside it
+    output: str | None = None  # the JSON to write; null: eval_<checkpoint name>[_<data set>][_<size>].json beside it
+    img_size: Any = None  # null: the size it trained at | test: its weights' test size (timm's test_input_size) |
+    #   N: that size (position tables resampled); a size other than the training one is named in the output file
 
 
 @dataclass

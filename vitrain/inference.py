@@ -40,6 +40,7 @@ class TrainedModel:
     data: DataConfig | None  # the data the model was trained on (None when unknown)
     device: torch.device
     lora: dict[str, Any] | None = None  # model.lora of a run with LoRA adapters (None: without)
+    trained_size: int | None = None  # the size it trained at, where it is evaluated at another (None: the same)
 
     def pick(self, use_ema: bool) -> nn.Module:
         """The EMA weights when asked for and present, else the raw ones."""
@@ -58,33 +59,65 @@ class TrainedModel:
 
 
 def eval_transform(preprocess: dict[str, Any]) -> v2.Compose:
-    """The evaluation transform that a checkpoint's ``preprocess`` describes."""
+    """The evaluation transform that a checkpoint's ``preprocess`` (or an exported file's) describes; without
+    ``crop_pct`` (0.1.0's checkpoints) no crop, without ``crop_mode`` (before it was recorded) center: as they ran."""
     return build_transforms(preprocess["img_size"], preprocess["mean"], preprocess["std"], train=False,
-                            interpolation=preprocess["interpolation"], crop_pct=preprocess.get("crop_pct", 1.0))
+                            interpolation=preprocess["interpolation"], crop_pct=preprocess.get("crop_pct", 1.0),
+                            crop_mode=preprocess.get("crop_mode", "center"))
 
 
-def load_trained(checkpoint: str | Path, device: str | torch.device = "auto") -> TrainedModel:
+def load_trained(checkpoint: str | Path, device: str | torch.device = "auto",
+                 img_size: int | str | None = None) -> TrainedModel:
     """Load a vitrain training checkpoint (``best.pt``, ``last.pt``) for inference. A run with LoRA
     (``model.lora.rank`` > 0 in its config) gets its adapters back, as they trained
-    (:meth:`TrainedModel.merged`: the plain model)."""
+    (:meth:`TrainedModel.merged`: the plain model). ``img_size``: the size it trained at (None), ``test`` (the
+    test size its weights' source gives, timm's ``test_input_size``), or a number: the model is rebuilt at that
+    size and its position tables resampled, and the transform resizes to it."""
     device = resolve_device(device) if isinstance(device, str) else device
     state = load_training_checkpoint(checkpoint)
     lora = ((state.get("config") or {}).get("model") or {}).get("lora")
     lora = dict(lora) if lora and lora.get("rank", 0) > 0 else None
+    spec, preprocess = dict(state["model_spec"]), dict(state["preprocess"])
+    size, trained_size = eval_size(preprocess, img_size, checkpoint), preprocess["img_size"]
+    resample = size != trained_size
+    if resample and lora is not None:
+        raise ConfigError(f"{checkpoint} trained LoRA adapters at {preprocess['img_size']}; evaluate it at that size "
+                          f"(img_size=null)")
+    spec["img_size"], preprocess["img_size"] = size, size
     models = []
     for key in ("model", "model_ema"):
         if key in state:
-            model = create_model(**state["model_spec"])
+            model = create_model(**spec)
             if lora is not None:
                 from vitrain.lora import apply_lora
                 from vitrain.models.config import LoraSpec
 
                 model = apply_lora(model, LoraSpec(**{**lora, "targets": list(lora["targets"])}))
-            model.load_state_dict(state[key])
+            if resample:  # position embedding (Swin: relative position tables) to the new grid
+                from vitrain.models.convert import load_pretrained
+
+                load_pretrained(model, state[key])
+            else:
+                model.load_state_dict(state[key])
             models.append(model.to(device).eval())
-    return TrainedModel(models[0], models[1] if len(models) > 1 else None, eval_transform(state["preprocess"]),
-                        list(state["class_names"]), state["model_spec"], state["preprocess"],
-                        _data_config(state.get("data_config")), device, lora)
+    return TrainedModel(models[0], models[1] if len(models) > 1 else None, eval_transform(preprocess),
+                        list(state["class_names"]), spec, preprocess, _data_config(state.get("data_config")), device,
+                        lora, trained_size if resample else None)
+
+
+def eval_size(preprocess: dict[str, Any], img_size: int | str | None, checkpoint: str | Path) -> int:
+    """The size to evaluate a checkpoint at: its training size (None), its weights' test size (``test``, timm's
+    ``test_input_size``, which the checkpoint records), or a given number."""
+    if img_size is None:
+        return int(preprocess["img_size"])
+    if img_size == "test":
+        if "test_img_size" not in preprocess:
+            raise ConfigError(f"{checkpoint} records no test size (its starting weights gave none: timm's "
+                              f"test_input_size); set img_size=N, or img_size=null for its {preprocess['img_size']}")
+        return int(preprocess["test_img_size"])
+    if isinstance(img_size, str) or int(img_size) <= 0:
+        raise ConfigError(f"img_size must be null (the training size), test, or a positive number, got {img_size}")
+    return int(img_size)
 
 
 def _data_config(saved: dict[str, Any] | None) -> DataConfig | None:

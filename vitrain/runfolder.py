@@ -22,7 +22,9 @@ from pathlib import Path
 from vitrain.errors import VitrainError
 
 LOCK_NAME = ".lock"
-START_FILES = {LOCK_NAME, ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"}  # and <job>.log
+RESOLVED_CONFIG = "config.yaml"  # the run's config with every auto value resolved (vitrain.train writes it)
+START_FILES = {LOCK_NAME, ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml",
+               RESOLVED_CONFIG}  # and <job>.log
 _held: dict[Path, list[int]] = {}  # folder -> [file descriptor, times taken] of the locks this process holds
 _made: dict[Path, Path] = {}  # run folder -> the highest folder on its path that this process made (note_new)
 

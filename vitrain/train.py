@@ -52,6 +52,8 @@ def _train(cfg: TrainConfig, run_dir: Path, world: World, device: torch.device) 
             log.warning("removed %s, left by a save that was killed mid-write", leftover)
     seed_everything(cfg.seed)
     trainer, splits = build_trainer(cfg, run_dir, world, device)
+    if world.is_main:
+        write_resolved_config(run_dir / runfolder.RESOLVED_CONFIG, trainer.metadata["config"])
     trainer.resume(cfg.trainer.resume, cfg.data.batch_size * world.size)
     log.info("training on %s%s for %d epochs; writing to %s", trainer.device,
              f" x {world.size} processes" if world.size > 1 else "", cfg.trainer.epochs, run_dir)
@@ -70,6 +72,16 @@ def _train(cfg: TrainConfig, run_dir: Path, world: World, device: torch.device) 
              metrics["final_top1"], "" if metrics["test_top1"] is None else f", test top-1 {metrics['test_top1']:.2f}%",
              metrics["train_images_per_sec"], metrics["wall_time_sec"])
     return metrics
+
+
+def write_resolved_config(path: Path, config: dict[str, Any]) -> None:
+    """The config this run trains with, every ``auto``/null value resolved (input size, preprocessing, the
+    teacher's inputs), as YAML in the run folder: ``.hydra/config.yaml`` keeps the config as composed."""
+    from omegaconf import OmegaConf
+
+    header = ("# The config this run trains with: every auto (null) value resolved, from the starting weights or the\n"
+              "# data set. .hydra/config.yaml holds it as composed, and .hydra/overrides.yaml the command line.\n")
+    path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(config)))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

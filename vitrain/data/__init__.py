@@ -85,7 +85,7 @@ def _transforms(cfg: DataConfig, img_size: int) -> tuple[Any, Any]:
                              auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter, re_prob=cfg.re_prob,
                              train_crop=cfg.train_crop, scale=cfg.scale, ratio=cfg.ratio)
     return train, build_transforms(img_size, cfg.mean, cfg.std, False, interpolation=cfg.interpolation,
-                                   crop_pct=cfg.crop_pct)
+                                   crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode)
 
 
 def _load(cfg: DataConfig) -> tuple[Dataset, Dataset | None, list[str]]:

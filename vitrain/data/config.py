@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vitrain.data.sources import MAX_IMAGE_PIXELS
-from vitrain.data.transforms import check_policy
+from vitrain.data.transforms import CROP_MODES, check_policy
 from vitrain.errors import ConfigError
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "filelist", "webdataset", "hf")
@@ -23,7 +23,6 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 TRAIN_CROPS = ("pad", "rrc")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-CROP_MODES = ("center", "squash", "border")  # timm's eval crops (transforms_imagenet_eval)
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")  # what the starting weights may decide
 FALLBACK = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear", "crop_pct": 1.0,
             "crop_mode": "center"}  # the last resort
@@ -186,6 +185,9 @@ class DataConfig:
                               f"{self.name}; set data.cache=false data.decode=cpu")
         if self.cache and self.decode != "cpu":
             raise ConfigError("data.cache=true decodes each image once already; set data.decode=cpu")
+        if self.cache and self.crop_mode not in (None, "center"):  # after resolve_preprocess: the weights' own too
+            raise ConfigError(f"data.cache=true caches centre squares, which data.crop_mode={self.crop_mode} (set, or "
+                              f"the weights' own) does not evaluate on; set data.crop_mode=center or data.cache=false")
         if self.shuffle_buffer < 0:
             raise ConfigError(f"data.shuffle_buffer must be >= 0 (0: shard order only), got {self.shuffle_buffer}")
         if self.epoch_size is not None and self.epoch_size <= 0:

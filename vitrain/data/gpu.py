@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler, Subset
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from vitrain.data.config import PIPELINES, DataConfig
 from vitrain.data.datasets import ArrayDataset, DataSplits
 from vitrain.data.samplers import EpochSampler
-from vitrain.data.transforms import check_re_prob
+from vitrain.data.transforms import check_re_prob, eval_crop
 from vitrain.errors import ConfigError
 
 IN_MEMORY = "digits, cifar10, cifar100"
@@ -34,8 +35,10 @@ class GpuAugment:
     (B, C, img_size, img_size). Train: ``pad``: resize (shorter side) -> random crop of the zero-padded image,
     or ``rrc``: a random resized crop (torchvision's area and aspect-ratio draws, one box per image, sampled
     by ``grid_sample``: no antialiasing when a crop is shrunk) -> horizontal flip (p=0.5) -> normalize ->
-    random erasing (``re_prob``). Eval: resize to ``img_size / crop_pct`` -> center crop -> normalize. All
-    randomness comes from the ``generator`` passed to each call."""
+    random erasing (``re_prob``). Eval: the per-image path's resize and crop of ``crop_mode``
+    (:func:`~vitrain.data.transforms.eval_crop`, run once on the whole batch: its images share one size, and the
+    resize kernels treat each image alone) -> normalize. All randomness comes from the ``generator`` passed to
+    each call."""
 
     def __init__(
         self,
@@ -51,6 +54,7 @@ class GpuAugment:
         scale: Sequence[float] = (0.08, 1.0),
         ratio: Sequence[float] = (3 / 4, 4 / 3),
         crop_pct: float = 1.0,
+        crop_mode: str = "center",
     ) -> None:
         if interpolation not in TENSOR_INTERPOLATIONS:
             raise ConfigError(f"data.interpolation='{interpolation}' does not run on image tensors; "
@@ -62,6 +66,7 @@ class GpuAugment:
         self.interpolation, self.re_prob = InterpolationMode(interpolation), re_prob
         self.mean, self.std = tuple(mean), tuple(std)
         self.train_crop, self.scale, self.ratio, self.crop_pct = train_crop, tuple(scale), tuple(ratio), crop_pct
+        self.eval_crop = v2.Compose(eval_crop(img_size, crop_pct, crop_mode, interpolation, mean))
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -72,8 +77,7 @@ class GpuAugment:
         # torchvision's own resize kernel (one interpolate over the batch, rounded back to uint8), so the
         # resized pixels are those of the per-image CPU path
         if not self.train:
-            resized = TF.resize(images, [math.floor(self.img_size / self.crop_pct)], self.interpolation, antialias=True)
-            return TF.center_crop(resized, [self.img_size])
+            return self.eval_crop(images)
         if self.train_crop == "rrc":
             return self._resized_crop_and_flip(images, generator)
         return self._crop_and_flip(TF.resize(images, [self.img_size], self.interpolation, antialias=True), generator)
@@ -339,7 +343,7 @@ def batch_augments(cfg: DataConfig, img_size: int) -> tuple[GpuAugment, GpuAugme
     train = GpuAugment(img_size, cfg.mean, cfg.std, True, cfg.crop_padding, cfg.hflip, cfg.interpolation,
                        cfg.re_prob, cfg.train_crop, cfg.scale, cfg.ratio)
     return train, GpuAugment(img_size, cfg.mean, cfg.std, False, interpolation=cfg.interpolation,
-                             crop_pct=cfg.crop_pct)
+                             crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode)
 
 
 def gpu_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device: str | torch.device, seed: int = 0,
@@ -361,7 +365,7 @@ def gpu_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device: str 
 def gpu_eval_loader(dataset: Dataset, cfg: DataConfig, img_size: int, device: str | torch.device,
                     sampler: Sampler[int] | None = None) -> DeviceLoader:
     """An in-memory evaluation set (validation or test) on the device, in order (or ``sampler``'s), with the
-    eval transform (resize to img_size / crop_pct, center crop, normalize)."""
+    eval transform (``data.crop_mode``'s resize and crop to img_size, normalize)."""
     _, augment = batch_augments(cfg, img_size)
     return DeviceLoader(*_arrays(dataset, "val"), cfg.batch_size, augment, sampler, False, device)
 

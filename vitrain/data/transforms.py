@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+from timm.data import transforms as timm_transforms
 from timm.data.random_erasing import RandomErasing
-from timm.data.transforms import str_to_pil_interp
+from timm.data.transforms import ResizeKeepRatio, str_to_pil_interp
 from torchvision.transforms import InterpolationMode, v2
 
 from vitrain.errors import ConfigError
+
+
+CROP_MODES = ("center", "squash", "border")  # timm's eval crops (transforms_imagenet_eval)
 
 
 def check_re_prob(re_prob: float) -> None:
@@ -41,13 +46,14 @@ def build_transforms(
     scale: Sequence[float] = (0.08, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     crop_pct: float = 1.0,
+    crop_mode: str = "center",
 ) -> v2.Compose:
     """Train: ``train_crop`` ``pad`` (resize, random crop of the zero-padded image: the CIFAR recipe) or
     ``rrc`` (RandomResizedCrop over ``scale`` x ``ratio``: the ImageNet recipe), optional horizontal flip,
     then an augmentation policy (``auto_augment``) and/or colour jitter, normalize, random erasing (``re_prob``).
-    Eval, as timm's ``create_transform``: resize the shorter side to ``floor(img_size / crop_pct)``, center
-    crop ``img_size``, normalize. The geometric steps run on what comes in (PIL images from folders, uint8
-    tensors from in-memory sets), so a PIL image is resized by PIL, as in timm.
+    Eval, as timm's ``create_transform``: the resize and crop of ``crop_mode`` (:func:`eval_crop`), normalize.
+    The geometric steps run on what comes in (PIL images from folders, uint8 tensors from in-memory sets), so a
+    PIL image is resized by PIL, as in timm.
 
     As in timm, colour jitter is off under a policy, except DeiT III's ``3a``, which pairs with it."""
     if color_jitter < 0:
@@ -55,9 +61,8 @@ def build_transforms(
     check_re_prob(re_prob)
     mode = InterpolationMode(interpolation)
     if not train:
-        resize = math.floor(img_size / crop_pct)
-        return v2.Compose([v2.Resize(resize, interpolation=mode, antialias=True), v2.CenterCrop(img_size),
-                           v2.ToImage(), *_to_normalized(mean, std)])
+        return v2.Compose([*eval_crop(img_size, crop_pct, crop_mode, interpolation, mean), v2.ToImage(),
+                           *_to_normalized(mean, std)])
     ops = [*_train_crop(img_size, mode, train_crop, crop_padding, scale, ratio),
            *([v2.RandomHorizontalFlip()] if hflip else []), v2.ToImage()]
     if auto_augment:
@@ -70,6 +75,37 @@ def build_transforms(
         # (--reprob 0.25 --remode pixel) and draws from Python's `random` like timm's RandAugment.
         ops.append(RandomErasing(re_prob, mode="pixel", device="cpu"))
     return v2.Compose(ops)
+
+
+def eval_crop(img_size: int, crop_pct: float, crop_mode: str, interpolation: str,
+              mean: Sequence[float]) -> list[Callable]:
+    """timm's evaluation resize and crop (``transforms_imagenet_eval``) to ``img_size`` from side S =
+    ``floor(img_size / crop_pct)``: ``center``: the shorter side to S, center crop; ``squash``: both sides to S
+    (the aspect ratio is lost), center crop; ``border``: the longer side to S (timm's ``ResizeKeepRatio``), center
+    crop or pad with the mean colour (timm's ``CenterCropOrPad``). For PIL images and uint8 (..., C, H, W) tensors
+    alike: a batch of images of one size gets each image's own result."""
+    if crop_mode not in CROP_MODES:
+        raise ConfigError(f"unknown data.crop_mode '{crop_mode}'; choose one of {', '.join(CROP_MODES)}")
+    side, mode = math.floor(img_size / crop_pct), InterpolationMode(interpolation)
+    if crop_mode == "border":
+        resize = ResizeKeepRatio(side, longest=1.0)
+        resize.interpolation = mode  # set after: timm's names lack torchvision's nearest-exact
+        return [resize, CenterCropOrPad(img_size, fill=[round(255 * m) for m in mean])]
+    size = [side, side] if crop_mode == "squash" else side  # a number: the shorter side
+    return [v2.Resize(size, interpolation=mode, antialias=True), v2.CenterCrop(img_size)]
+
+
+class CenterCropOrPad(timm_transforms.CenterCropOrPad):
+    """timm's ``CenterCropOrPad``, also for tensors padded with a colour: torchvision pads a tensor with one
+    value, so each channel of a tensor goes through timm's function with its own fill."""
+
+    def forward(self, img: Any) -> Any:
+        if not isinstance(img, torch.Tensor) or isinstance(self.fill, int | float):
+            return super().forward(img)
+        planes = [timm_transforms.center_crop_or_pad(img[..., c, :, :], self.size, fill=fill,
+                                                     padding_mode=self.padding_mode)
+                  for c, fill in enumerate(self.fill)]
+        return torch.stack(planes, -3)
 
 
 def _train_crop(img_size: int, mode: InterpolationMode, train_crop: str, crop_padding: int, scale: Sequence[float],

@@ -71,17 +71,22 @@ class ModelConfig:
             raise ConfigError(f"unknown model source '{self.source}' (model.source); "
                               f"choose one of {', '.join(SOURCES)}")
         check_model_name(self.source, self.name)
-        if self.img_size is None:  # resolved once, here: every check and every piece of the run sees the size
-            from vitrain.models.weights import input_size
-
-            self.img_size = input_size(self.source, self.name, self.pretrained, self.checkpoint)
-        if self.img_size <= 0:
+        if self.img_size is not None and self.img_size <= 0:
             raise ConfigError(f"model.img_size must be positive, got {self.img_size}")
         for key in ("drop_path", "drop_rate"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} is a rate: set it in [0, 1), got {getattr(self, key)}")
         if self.window_size is not None and self.window_size <= 0:
             raise ConfigError(f"model.window_size must be positive (or null), got {self.window_size}")
+
+    def resolve_img_size(self) -> None:
+        """``img_size=null``: the size the starting weights were trained at, else the model's own
+        (:func:`vitrain.models.weights.input_size`). TrainConfig calls it once, before its checks, so that every
+        piece of the run sees one size (not here: the schema's default object must keep null)."""
+        if self.img_size is None:
+            from vitrain.models.weights import input_size
+
+            self.img_size = input_size(self.source, self.name, self.pretrained, self.checkpoint)
 
     def constructor_kwargs(self) -> dict[str, Any]:
         """What goes to the model's constructor beyond name, classes and size: the rates, Swin's window,
