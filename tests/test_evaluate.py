@@ -157,3 +157,35 @@ def test_the_confusion_figures_title_and_colour_bar_label_fit_inside_it(classes:
         box = text.get_window_extent(renderer)
         assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, (
             text.get_text(), box, figure.bbox)
+
+
+def test_evaluate_at_the_weights_test_size_on_request(run: tuple[Path, dict], tmp_path: Path) -> None:
+    """``img_size=test``: the test size the checkpoint records (timm's test_input_size of its starting weights), the
+    position embedding resampled by timm's resample_abs_pos_embed (4x4 -> 6x6 patches), named in the file and JSON;
+    never by default."""
+    import shutil
+
+    import torch
+    from timm.layers import resample_abs_pos_embed
+
+    from vitrain.checkpoint import load_checkpoint
+    from vitrain.inference import load_trained
+
+    checkpoint = tmp_path / "checkpoints" / "best.pt"
+    checkpoint.parent.mkdir()
+    shutil.copy(run[0] / "best.pt", checkpoint)
+    state = load_checkpoint(checkpoint)
+    with pytest.raises(ConfigError, match="records no test size"):
+        evaluate_checkpoint(checkpoint, img_size="test")
+    state["preprocess"]["test_img_size"] = 24
+    torch.save(state, checkpoint)
+    trained = load_trained(checkpoint, "cpu", "test")
+    assert (trained.preprocess["img_size"], trained.trained_size) == (24, 16)
+    want = resample_abs_pos_embed(state["model"]["pos_embed"], [6, 6], [4, 4], num_prefix_tokens=1)
+    assert torch.allclose(trained.model.pos_embed.detach(), want, atol=1e-6)
+    result = evaluate_checkpoint(checkpoint, img_size="test", batch_size=128)
+    assert (result["img_size"], result["trained_img_size"]) == (24, 16)
+    assert json.loads((checkpoint.parent / "eval_best_24.json").read_text())["img_size"] == 24
+    assert evaluate_checkpoint(checkpoint, batch_size=128)["img_size"] == 16  # the default: as it trained
+    assert evaluate_checkpoint(checkpoint, img_size=32, batch_size=128)["img_size"] == 32
+    assert (checkpoint.parent / "eval_best_32.json").is_file()

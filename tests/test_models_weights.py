@@ -107,7 +107,8 @@ def test_checkpoint_and_onnx_carry_the_weights_preprocessing(runs: dict[str, Pat
     pre = saved_preprocess(runs[run])
     assert (pre["img_size"], pre["interpolation"], pre["crop_pct"]) == (32, "bicubic", pytest.approx(0.9))
     assert pre["mean"] == pytest.approx(mean) and pre["std"] == pytest.approx(std)
-    assert set(pre) == {"img_size", "mean", "std", "interpolation", "crop_pct"}
+    assert set(pre) == {"img_size", "mean", "std", "interpolation", "crop_pct", "crop_mode"}
+    assert pre["crop_mode"] == "center"
     saved = load_checkpoint(runs[run] / "checkpoints" / "best.pt")
     assert saved["data_config"]["mean"] == pre["mean"] and saved["config"]["data"]["crop_pct"] == 0.9
     exported = export_checkpoint(runs[run] / "checkpoints" / "best.pt", "onnx", weights="raw")
@@ -120,7 +121,8 @@ def test_the_run_log_says_which_values_and_whence(runs: dict[str, Path]) -> None
     lines = [line for line in log.read_text().splitlines() if "preprocessing: " in line]
     assert len(lines) == 1 and "[INFO]" in lines[0]
     assert ("data.mean=[0.5, 0.5, 0.5] (the weights'), data.std=[0.5, 0.5, 0.5] (the weights'), "
-            "data.interpolation=bicubic (the weights'), data.crop_pct=0.9 (the weights'); "
+            "data.interpolation=bicubic (the weights'), data.crop_pct=0.9 (the weights'), "
+            "data.crop_mode=center (the weights'); "
             f"the weights: timm's pretrained_cfg of {VIT}") in lines[0]
 
 
@@ -139,7 +141,8 @@ def test_a_timm_hub_folder_is_a_checkpoint_with_its_preprocessing(hub_cache: Pat
 
     (folder,) = hub_cache.glob(f"models--timm--{VIT}/snapshots/*")
     values = weights_preprocess("vitrain", "vit_tiny_patch16_224", False, f"local-dir:{folder}").values
-    assert values == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "crop_pct": 0.9}
+    assert values == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "crop_pct": 0.9,
+                      "crop_mode": "center", "img_size": 224}
     ours = create_model("vit_tiny_patch16_224", num_classes=1000, checkpoint=f"local-dir:{folder}").eval()
     theirs = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -221,7 +224,8 @@ def test_values_given_on_the_command_line_win_over_the_weights() -> None:
     resolved, said = resolve_preprocess(cfg)
     assert (resolved.data.mean, resolved.data.std, resolved.data.interpolation, resolved.data.crop_pct) == (
         [0.4] * 3, IMAGENET_STD, "bilinear", 0.9)
-    assert said.startswith("preprocessing: data.mean=[0.4, 0.4, 0.4] (set), data.std=[0.229, 0.224, 0.225] "
+    assert said.startswith("model.img_size=224 (the starting weights' own); preprocessing: "
+                           "data.mean=[0.4, 0.4, 0.4] (set), data.std=[0.229, 0.224, 0.225] "
                            "(the weights'), data.interpolation=bilinear (set), data.crop_pct=0.9 (the weights')")
     pre = checkpoint_metadata(cfg, ["a", "b"], 64, 1)["preprocess"]
     assert (pre["mean"], pre["std"], pre["crop_pct"]) == ([0.4] * 3, IMAGENET_STD, 0.9)
@@ -244,7 +248,8 @@ def test_a_timm_tag_picks_the_weights_and_their_values() -> None:
 
 def test_torchvision_weights_give_their_transforms_values() -> None:
     values = weights_preprocess("torchvision", "resnet18", True, None).values
-    assert values == {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear", "crop_pct": 0.875}
+    assert values == {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear", "crop_pct": 0.875,
+                      "crop_mode": "center", "img_size": 224}
 
 
 def test_an_unknown_tag_is_refused_before_anything_runs() -> None:
