@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import multiprocessing
+import multiprocessing.context
 import os
 import random
 import signal
 import threading
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +18,34 @@ from torch import nn
 from vitrain.errors import ConfigError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal=USR1@T warning
+
+
+def loader_workers(num_workers: int) -> dict[str, Any]:
+    """The ``DataLoader`` arguments that keep a scheduler's stop signals away from its workers: they start with
+    the stop signals blocked (:func:`worker_context`) and then ignore them (:func:`ignore_stop_signals`)."""
+    if num_workers <= 0:
+        return {}
+    return {"worker_init_fn": ignore_stop_signals, "multiprocessing_context": worker_context()}
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The default multiprocessing context, whose processes start with the stop signals blocked: they inherit the
+    mask, so a signal to the process group that arrives while a worker starts (before its ``worker_init_fn``
+    runs) waits for :func:`ignore_stop_signals` instead of killing it. The parent's mask is put back at once, and
+    a signal it held back then reaches the parent's handler."""
+    base = multiprocessing.get_context()
+
+    class MaskedProcess(base.Process):  # type: ignore[name-defined,misc]
+        def start(self) -> None:
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                super().start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    context = copy.copy(base)
+    context.Process = MaskedProcess
+    return context
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
@@ -26,6 +58,7 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGUSR1})  # held back at start: now ignored
     threading.Thread(target=_end_on_parents_sigterm, args=(os.getppid(),), name="sigterm", daemon=True).start()
 
 

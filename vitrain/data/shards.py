@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vitrain.data.shard_index import expand_shards, shard_classes, shard_counts, tar_reason
 from vitrain.data.sources import MAX_IMAGE_PIXELS, pixel_limit, too_many_pixels, upright
 from vitrain.errors import DataError, first_line
-from vitrain.runtime import ignore_stop_signals
+from vitrain.runtime import loader_workers
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -278,7 +278,7 @@ class ShardLoader:
         workers = min(self.num_workers, self.stream.batches())
         self.stream.num_workers = max(1, workers)
         loader = DataLoader(self.stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-                            worker_init_fn=ignore_stop_signals,
+                            **loader_workers(workers),
                             generator=torch.Generator().manual_seed(self.stream.seed))  # leaves the global RNG alone
         for images, labels, skipped in loader:
             self.skipped += skipped
