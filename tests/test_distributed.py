@@ -18,7 +18,7 @@ from vitrain.checkpoint import check_resume_position, load_checkpoint
 from vitrain.config import compose, to_config
 from vitrain.data import EpochSampler, ShardedEpochSampler, ShardSampler
 from vitrain.data.gpu import DeviceLoader, GpuAugment
-from vitrain.distributed import init_distributed
+from vitrain.distributed import World, init_distributed
 from vitrain.errors import ConfigError
 from vitrain.evaluate import evaluate_checkpoint
 from vitrain.models import create_model
@@ -238,3 +238,65 @@ def test_sigterm_to_one_rank_stops_both_and_resume_is_exact(tmp_path: Path) -> N
         for key, value in a[part].items():
             assert torch.equal(value, b[part][key]), f"{part}.{key} (stopped after step {saved['step']})"
     assert [r["val_top1"] for r in a["history"]] == [r["val_top1"] for r in b["history"]]
+
+
+# --- srun without torchrun: SLURM's variables for 2 tasks on one node ---
+
+def slurm_env(rank: int, job: int = 4242) -> dict[str, str]:
+    """What srun gives task ``rank`` of 2 on one node (the names SLURM sets; no torchrun variable)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_")) and
+           k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    return {**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0",
+            "SLURM_JOB_ID": str(job), "SLURM_NODELIST": "localhost", "SLURM_JOB_NODELIST": "localhost",
+            "SLURM_NTASKS_PER_NODE": "2", "SLURM_TASKS_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
+
+
+def test_slurm_variables_become_torchruns(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitrain.distributed import first_host, launcher, torchrun_world
+
+    for key, value in slurm_env(1, job=123456).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[007-009,012],cpu1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert torchrun_world() == World(rank=1, local_rank=1, size=2)
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], os.environ["LOCAL_WORLD_SIZE"]) == (
+        "gpu007", str(15000 + 123456 % 20000), "2")
+    assert launcher() == "srun python"
+    assert first_host("node[1,3]") == "node1"
+
+
+def test_a_batch_script_or_salloc_shell_is_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SLURM_PROCID without a job step (the batch script itself, an salloc shell): plain python is rank 0 of 1."""
+    from vitrain.distributed import torchrun_world
+
+    for key, value in slurm_env(0).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_STEP_ID")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert torchrun_world() == World(0, 0, 1)
+
+
+@pytest.mark.slow
+def test_srun_tasks_train_as_torchrun_does(tmp_path: Path) -> None:
+    """2 tasks started as srun starts them (SLURM's variables only) write one run folder and end with the weights
+    and figures of the same run under torchrun, exactly."""
+    args = [*DETERMINISTIC, "data.batch_size=16"]
+    run_to_end([*args, f"hydra.run.dir={tmp_path / 'torchrun'}"], tmp_path)
+    tasks = [subprocess.Popen([sys.executable, "-m", "vitrain.train", *args, "hydra.run.dir=srun/${now:%H-%M-%S-%f}"],
+                              cwd=tmp_path, env=slurm_env(rank), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in (0, 1)]
+    for task in tasks:
+        _, err = task.communicate(timeout=300)
+        assert task.returncode == 0, err[-3000:]
+    (run,) = (tmp_path / "srun").iterdir()  # one run folder, although the tasks started at other microseconds
+    srun_metrics = json.loads((run / "metrics.json").read_text())
+    torchrun_metrics = json.loads((tmp_path / "torchrun" / "metrics.json").read_text())
+    def figures(metrics: dict) -> list[tuple]:
+        return [(r["epoch"], r["train_loss"], r["val_loss"], r["val_top1"]) for r in metrics["history"]]
+
+    assert figures(srun_metrics) == figures(torchrun_metrics) and srun_metrics["steps"] == 2 * 14
+    ours = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    theirs = load_checkpoint(tmp_path / "torchrun" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(ours[k], v) for k, v in theirs.items())

@@ -75,7 +75,11 @@ def test_sigterm_to_the_process_group_saves_and_resumes_to_the_same_figures(kind
     assert "Traceback" not in err and "stopped by SIGTERM" in err, err[-3000:]
     saved = load_checkpoint(run / "checkpoints" / "last.pt")
     assert 12 <= saved["step"] < 3 * 12
+    stopped = json.loads((run / "metrics.json").read_text())  # what a requeue script reads, whatever the launcher
+    assert (stopped["state"], stopped["signal"], stopped["exit_code"], stopped["steps"]) == (
+        "preempted", "SIGTERM", 143, saved["step"])
     resumed = train(compose([*args, "trainer.resume=auto"]), run)
+    assert json.loads((run / "metrics.json").read_text())["state"] == "complete"
     _same_figures(resumed, whole)
 
 

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import json
 import logging
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -349,6 +350,15 @@ class Trainer(SavesState):
             self._preempt(stop, path)
 
     def _preempt(self, signum: int, checkpoint: Path) -> NoReturn:
+        """Stopped by a signal, with ``checkpoint`` written: ``metrics.json`` says so in words a requeue script
+        reads whatever the launcher's exit code (torchrun's is 1), then every rank leaves through
+        :class:`Preempted`."""
+        if self.is_main:
+            s = self.state
+            stopped = {"state": "preempted", "signal": signal.Signals(signum).name, "signum": signum,
+                       "exit_code": 128 + signum, "epoch": s.epoch, "steps": s.step, "checkpoint": str(checkpoint),
+                       "best_top1": s.best_top1, "epochs_trained": len(s.history), "history": s.history}
+            write_text(json.dumps(stopped, indent=2), self.run_dir / "metrics.json")
         distributed.barrier()  # the other ranks exit once rank 0 has written the checkpoint
         raise Preempted(signum, self.state.step, checkpoint)
 
