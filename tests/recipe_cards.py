@@ -8,8 +8,11 @@ so drift fails the suite, and checks that docs/finetuning.md shows each card as 
 
 Sources: facebookresearch/deit at 7e160fe (main.py, engine.py, samplers.py, augment.py, datasets.py, models.py,
 models_v2.py, README_deit.md, README_revenge.md); NVIDIA/apex optimizers/fused_lamb.py; facebookresearch/mae
-util/lr_decay.py; timm 1.0.31 (DeiT pins timm 0.3.2, whose scheduler code was not read here). vitrain's own
-recipes cite the vitrain document that states their values.
+util/lr_decay.py; timm 1.0.31 (DeiT pins timm 0.3.2, whose scheduler code was not read here);
+google-research/vision_transformer at c6de1e5 (README.md and, under vit_jax/, configs/common.py, configs/vit.py,
+configs/models.py, train.py, utils.py, input_pipeline.py, checkpoint.py, models_vit.py); TensorFlow's
+SampleDistortedBoundingBox op defaults (its API reference). vitrain's own recipes cite the vitrain document that
+states their values.
 """
 
 from __future__ import annotations
@@ -58,9 +61,10 @@ class Card:
 
 def resolve(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     """The numbers a run of ``cfg`` reaches at ``run``: the peak learning rate of the ``optimizer.lr`` group
-    (``lr``), the first step's (``first_lr``), the floor at the last step (``floor``), the optimizer's eps, the
-    images of an epoch over all ranks (``epoch_images``), and with layer decay the top block's and final norm's
-    rates. The schedule does not depend on the model, so a vit_nano carries it."""
+    (``lr``), the first step's (``first_lr``), the floor at the last step (``floor``), the optimizer steps of the
+    whole run (``steps``) and the first (0-based) one at the peak rate (``peak_step``: the end of warmup), the
+    optimizer's eps, the images of an epoch over all ranks (``epoch_images``), and with layer decay the top
+    block's and final norm's rates. The schedule does not depend on the model, so a vit_nano carries it."""
     sampler = EpochSampler(run.images, repeats=cfg.data.aug_repeats, world_size=run.world_size)
     epoch_images = len(sampler)
     steps = epoch_images // run.global_batch if cfg.data.mixes else math.ceil(epoch_images / run.global_batch)
@@ -70,8 +74,10 @@ def resolve(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     lrs = {g["name"]: g["initial_lr"] for g in opt.param_groups}
     peak, factor = lrs["head"], schedule.lr_lambdas[0]
     top = max(layer_ids(model).values())  # the final norm; the last block is top - 1
-    return {"lr": peak, "first_lr": peak * factor(0), "floor": peak * factor(cfg.trainer.epochs * steps),
-            "eps": opt.defaults.get("eps"), "epoch_images": epoch_images,
+    total = cfg.trainer.epochs * steps
+    peak_step = next(s for s in range(total + 1) if factor(s) >= 1 - 1e-12 or s == total)
+    return {"lr": peak, "first_lr": peak * factor(0), "floor": peak * factor(total), "steps": total,
+            "peak_step": peak_step, "eps": opt.defaults.get("eps"), "epoch_images": epoch_images,
             "top_block_lr": lrs.get(f"backbone_layer{top - 1}"),
             "final_norm_lr": lrs.get(f"backbone_layer{top}_no_decay")}
 
@@ -256,6 +262,9 @@ DEIT3_BASE = Card(
         Knob("resolved.lr", 3e-3, "`--unscale-lr`: 3e-3 at any batch"),
         *_DEIT3_OPTIMIZER,
         *_DEIT3_DATA_LOSS,
+        Knob(None, "then fine-tuned at 224: `--input-size 224 --epochs 20 --opt adamw --lr 1e-5`",
+             "README_revenge.md, 'finetuning for ViT-B, L and H at resolution 224x224'", "pretraining only",
+             "the fine-tuning stage is not a recipe here"),
     ),
 )
 
@@ -271,6 +280,10 @@ FINETUNE_IMAGEFOLDER = Card(
         Knob("data.name", "imagefolder", "vitrain: `DIR/train/<class>/*`, `DIR/val/<class>/*`"),
         Knob("data.train_crop", "rrc", "timm `create_transform(is_training=True)`"),
         Knob("data.scale", [0.08, 1.0], "timm `create_transform` default"),
+        Knob("data.crop_pct", None, "timm `resolve_data_config`: the weights' `pretrained_cfg` (null: resolved "
+             "from the weights, vitrain/build.py `resolve_preprocess`)"),
+        Knob("data.mean", None, "the weights' own (null: as `data.crop_pct`)"),
+        Knob("data.std", None, "the weights' own (null: as `data.crop_pct`)"),
         Knob("data.val_fraction", 0.1, "vitrain: model selection off the test set"),
         Knob("optimizer.lr", 1e-3, "vitrain: the new head"),
         Knob("optimizer.backbone_lr", 1e-4, "vitrain: the backbone's top layer (the final norm)"),
@@ -290,22 +303,113 @@ FINETUNE_IMAGEFOLDER = Card(
     ),
 )
 
+# --- The ViT paper's fine-tuning (google-research/vision_transformer `vit.py:b16,cifar10`, one device) ---
+
+_VIT = "google-research/vision_transformer"
+
 FINETUNE_CIFAR10 = Card(
     ("experiment=finetune_cifar10",),
-    "vitrain's classic fine-tuning recipe as docs/finetuning.md states it (no upstream file is checked)",
+    f"{_VIT} at c6de1e5, `python -m vit_jax.main --config=vit_jax/configs/vit.py:b16,cifar10` (README.md, "
+    "'Fine-tuning a model'); files under vit_jax/",
+    Run(512, 1, 49_000),
+    (
+        Knob("model.name", "ViT-B_16 of gs://vit_models/imagenet21k", "README.md `--config.pretrained_dir`; "
+             "configs/models.py `get_b16_config`", "vit_base_patch16_224.orig_in21k",
+             "timm's port of those weights (hf_hub_id timm/vit_base_patch16_224.orig_in21k, no head); its equality "
+             "with the .npz is not checked here"),
+        Knob("model.pretrained", True, "train.py `checkpoint.load_pretrained`"),
+        Knob("model.img_size", 384, "configs/common.py `DATASET_PRESETS['cifar10']` `'crop': 384`", SAME,
+             "set explicitly: null would follow the weights' 224"),
+        Knob(None, "the 14x14 position grid zoomed to 24x24 by `scipy.ndimage.zoom(order=1)` (linear)",
+             "checkpoint.py `interpolate_posembed`", "timm's `resample_abs_pos_embed` (bicubic, antialiased)",
+             "vitrain resamples every position table one way (vitrain/models/convert.py); the two differ slightly"),
+        Knob(None, "a zero-initialised head: kernel and bias 0", "models_vit.py `kernel_init=nn.initializers.zeros`; "
+             "checkpoint.py `load_pretrained` keeps the initial head", "truncated normal (std 0.02), bias 0",
+             "not expressible: no config key zero-initialises a head (vitrain/models/heads.py `init_linear`)"),
+        Knob("model.drop_rate", 0.0, "configs/models.py `get_b16_config` `dropout_rate = 0.0`"),
+        Knob("model.drop_path", 0.0, "models_vit.py: no stochastic depth"),
+        Knob("data.name", "cifar10", "configs/vit.py `b16,cifar10`"),
+        Knob("data.val_fraction", 0.02, "configs/common.py `'train': 'train[:98%]'`", SAME,
+             "the source trains on the first 49,000 images and leaves 1,000 unused; vitrain holds out a stratified, "
+             "seeded 2% and chooses best.pt on it"),
+        Knob("data.train_crop", "rrc", "input_pipeline.py `tf.image.sample_distorted_bounding_box`, then "
+             "`tf.image.resize`"),
+        Knob("data.scale", [0.05, 1.0], "input_pipeline.py `area_range=(0.05, 1.0)`"),
+        Knob("data.ratio", [0.75, 1.33], "TensorFlow's default `aspect_ratio_range` (input_pipeline.py sets none)"),
+        Knob(None, "up to 100 draws, then the whole image; aspect ratio drawn by TensorFlow's op",
+             "TensorFlow SampleDistortedBoundingBox `max_attempts` 100", "torchvision's RandomResizedCrop draw "
+             "(log-uniform ratio; the device path draws alike)", "the two crop distributions are not compared here"),
+        Knob("data.interpolation", "bilinear", "input_pipeline.py `tf.image.resize` (default method)"),
+        Knob("data.hflip", True, "input_pipeline.py `tf.image.flip_left_right` with probability 0.5"),
+        Knob("data.crop_pct", 1.0, "input_pipeline.py eval: `tf.image.resize(im, [image_size, image_size])`"),
+        Knob("data.mean", [0.5, 0.5, 0.5], "input_pipeline.py `(im - 127.5) / 127.5`"),
+        Knob("data.std", [0.5, 0.5, 0.5], "input_pipeline.py `(im - 127.5) / 127.5`"),
+        Knob("data.mixup", 0.0, "input_pipeline.py: no mixing"),
+        Knob("loss.label_smoothing", 0.0, "train.py `cross_entropy_loss` on `tf.one_hot` labels"),
+        Knob("data.batch_size", 64, "configs/common.py `batch = 512` / `accum_steps = 8` (one device)"),
+        Knob("trainer.accum_steps", 8, "configs/common.py `accum_steps = 8` (utils.py `accumulate_gradient`)"),
+        Knob("optimizer.name", "sgd", "train.py `optax.sgd`"),
+        Knob("optimizer.momentum", 0.9, "train.py `momentum=0.9`"),
+        Knob("optimizer.nesterov", False, "optax.sgd's default (train.py sets none)"),
+        Knob(None, "momentum kept in bfloat16", "train.py `accumulator_dtype='bfloat16'`", "float32 (torch.optim.SGD)",
+             "not expressible: no config key sets the momentum's dtype"),
+        Knob("optimizer.lr", 0.01, "configs/vit.py `if model == 'b16' and dataset == 'cifar10': config.base_lr = "
+             "0.01` (configs/common.py `base_lr = 0.03` for the others)"),
+        Knob("optimizer.backbone_lr", None, "train.py: one `optax.sgd` over all parameters"),
+        Knob("optimizer.lr_base_batch", 512, "configs/common.py `batch = 512`; README.md: a smaller `--config.batch` "
+             "with a smaller `--config.base_lr`", SAME, "vitrain reads that as linear: lr x global batch / 512"),
+        Knob("resolved.lr", 0.01, "at 512 images a step"),
+        Knob("optimizer.weight_decay", 0.0, "train.py `optax.chain(clip_by_global_norm, sgd)`: no decay term"),
+        Knob("trainer.grad_clip", 1.0, "configs/common.py `grad_norm_clip = 1.0` (train.py "
+             "`optax.clip_by_global_norm`)"),
+        Knob("scheduler.name", "cosine", "configs/common.py `decay_type = 'cosine'`"),
+        Knob("scheduler.warmup_epochs", "500 steps", "configs/common.py `warmup_steps = 500`", 5.2,
+             "vitrain counts warmup in epochs (fractions allowed): ceil(5.2 x 96 steps an epoch) = 500 steps"),
+        Knob("resolved.peak_step", 500, "utils.py `lr * jnp.minimum(1., step / warmup_steps)`"),
+        Knob("scheduler.warmup_lr", 0.0, "utils.py: `step / warmup_steps` is 0 at step 0"),
+        Knob("resolved.first_lr", 0.0, "utils.py `create_learning_rate_schedule` at step 0"),
+        Knob("resolved.floor", 0.0, "utils.py `lr * 0.5 * (1. + jnp.cos(jnp.pi * progress))` (`linear_end` is for "
+             "linear decay only)"),
+        Knob("trainer.epochs", "10,000 steps", "configs/common.py `DATASET_PRESETS['cifar10']` `total_steps`", 104,
+             "vitrain trains whole epochs: 10,000 / 96 steps an epoch (ceil(49,000 / 512)) = 104.2, rounded to 104"),
+        Knob("resolved.steps", 10_000, "configs/common.py `total_steps`", 9_984,
+             "104 x 96: 16 steps (0.16%) fewer; the rate stays within 0.16% of the peak of the source's at every "
+             "step (test_recipes.py)"),
+        Knob(None, "an endless stream (`data.repeat(None)`), shuffled in a 50,000 buffer, every batch 512 "
+             "(`drop_remainder=True`)", "input_pipeline.py `get_data`", "104 reshuffled epochs; an epoch's last "
+             "step has 360 images (49,000 - 95 x 512)", "vitrain trains in epochs"),
+        Knob(None, "test accuracy every 100 steps and at the last", "train.py `eval_every` (configs/common.py 100)",
+             "the 1,000 held-out images each epoch; the test set once at the end, with best.pt",
+             "the test set stays out of model selection"),
+        Knob("trainer.ema", False, "train.py: no weight averaging"),
+    ),
+)
+
+# --- vitrain's own recipes ---
+
+FINETUNE_CIFAR10_QUICK = Card(
+    ("experiment=finetune_cifar10_quick",),
+    "vitrain's own quick fine-tuning recipe, as its header and docs/finetuning.md state it (no upstream file)",
     Run(32, 1, 50_000),
     (
-        Knob("model.name", "vit_small_patch16_224", "docs/finetuning.md: ImageNet ViT-S/16"),
-        Knob("model.pretrained", True, "docs/finetuning.md"),
-        Knob("model.img_size", 224, "docs/finetuning.md: CIFAR-10 resized to 224"),
-        Knob("optimizer.backbone_lr", 1e-5, "docs/finetuning.md: backbone lr 1e-5"),
-        Knob("optimizer.lr", 1e-3, "docs/finetuning.md: head lr 1e-3"),
-        Knob("optimizer.weight_decay", 0.01, "docs/finetuning.md: wd 0.01"),
-        Knob("scheduler.name", "cosine", "docs/finetuning.md: cosine"),
-        Knob("resolved.first_lr", 1e-3, "no warmup"),
-        Knob("resolved.floor", 0.0, "annealed to zero"),
-        Knob("data.batch_size", 32, "the recipe's header: batch 32"),
-        Knob("trainer.epochs", 10, "docs/finetuning.md: 10 epochs"),
+        Knob("model.name", "vit_small_patch16_224", "vitrain: timm's ImageNet ViT-S/16"),
+        Knob("model.pretrained", True, "vitrain"),
+        Knob("model.img_size", 224, "vitrain: CIFAR-10 resized to 224 (the weights' own size)"),
+        Knob("model.drop_path", 0.0, "vitrain: no stochastic depth"),
+        Knob("data.name", "cifar10", "vitrain"),
+        Knob("data.train_crop", "pad", "vitrain: random crops of the zero-padded image"),
+        Knob("data.crop_padding", 4, "vitrain: 4 pixels"),
+        Knob("data.hflip", True, "vitrain: flips"),
+        Knob("data.crop_pct", 1.0, "vitrain: eval on the whole image"),
+        Knob("optimizer.name", "adamw", "vitrain"),
+        Knob("optimizer.backbone_lr", 1e-5, "vitrain: backbone lr 1e-5"),
+        Knob("optimizer.lr", 1e-3, "vitrain: head lr 1e-3"),
+        Knob("optimizer.weight_decay", 0.01, "vitrain: wd 0.01"),
+        Knob("scheduler.name", "cosine", "vitrain: cosine"),
+        Knob("resolved.first_lr", 1e-3, "vitrain: no warmup"),
+        Knob("resolved.floor", 0.0, "vitrain: annealed to zero"),
+        Knob("data.batch_size", 32, "vitrain: batch 32"),
+        Knob("trainer.epochs", 10, "vitrain: 10 epochs"),
     ),
 )
 
@@ -329,7 +433,9 @@ PROBE_IMAGEFOLDER = Card(
     "vitrain's linear probe on cached features (the recipe file's header; no upstream recipe)",
     Run(64, 1, 500),
     (
+        Knob("model.name", "vit_small_patch16_224", "the header: an ImageNet ViT-S/16"),
         Knob("model.pretrained", True, "the header: an ImageNet ViT-S/16"),
+        Knob("model.img_size", 224, "the header: at 224 (the weights' own size)"),
         Knob("trainer.freeze_backbone", True, "the header: frozen"),
         Knob("trainer.cache_features", True, "the header: features cached beside the data"),
         Knob("trainer.feature_views", 2, "the header: 2 augmented views of each training photo"),
@@ -348,6 +454,8 @@ DIGITS_PRETRAIN = Card(
     Run(32, 1, 719),
     (
         Knob("model.name", "vit_nano_patch4_16", "docs/finetuning.md"),
+        Knob("model.pretrained", False, "docs/finetuning.md: from scratch"),
+        Knob("data.name", "digits", "docs/finetuning.md: scikit-learn's handwritten digits"),
         Knob("data.classes", [0, 1, 2, 3, 4], "docs/finetuning.md: the digits 0-4"),
         Knob("trainer.epochs", 50, "docs/finetuning.md: 50 epochs"),
         Knob("resolved.lr", 1e-3, "README.md: AdamW lr 1e-3"),
@@ -359,6 +467,8 @@ DIGITS_FINETUNE = Card(
     "docs/finetuning.md, Transfer on digits: step 2",
     Run(32, 1, 718),
     (
+        Knob("model.name", "vit_nano_patch4_16", "docs/finetuning.md: the digits_pretrain model"),
+        Knob("data.name", "digits", "docs/finetuning.md"),
         Knob("data.classes", [5, 6, 7, 8, 9], "docs/finetuning.md: the digits 5-9, relabelled 0-4"),
         Knob("model.reset_head", True, "docs/finetuning.md: a fresh head"),
         Knob("optimizer.lr", 1e-3, "docs/finetuning.md: head 1e-3"),
@@ -375,6 +485,10 @@ DIGITS_SCRATCH = Card(
     "docs/finetuning.md, Transfer on digits: the baseline",
     Run(32, 1, 718),
     (
+        Knob("model.name", "vit_nano_patch4_16", "docs/finetuning.md: the same model"),
+        Knob("model.pretrained", False, "docs/finetuning.md: from scratch"),
+        Knob("model.checkpoint", None, "docs/finetuning.md: from scratch"),
+        Knob("data.name", "digits", "docs/finetuning.md"),
         Knob("data.classes", [5, 6, 7, 8, 9], "docs/finetuning.md"),
         Knob("optimizer.lr", 1e-3, "docs/finetuning.md: from scratch, 1e-3"),
         Knob("optimizer.backbone_lr", None, "docs/finetuning.md: one rate"),
@@ -391,6 +505,7 @@ DIGITS_TEACHER = Card(
         Knob("model.source", "timm", "docs/distillation.md: timm's ResNet-18"),
         Knob("model.name", "resnet18", "docs/distillation.md"),
         Knob("model.img_size", 32, "docs/distillation.md: digits upsampled to 32x32"),
+        Knob("data.name", "digits", "docs/distillation.md"),
         Knob("trainer.epochs", 15, "docs/distillation.md: 15 epochs"),
     ),
 )
@@ -401,6 +516,7 @@ DIGITS_DISTILL = Card(
     Run(32, 1, 1437),
     (
         Knob("model.name", "deit_nano_distilled_patch4_16", "docs/distillation.md"),
+        Knob("data.name", "digits", "docs/distillation.md"),
         Knob("distill.name", "hard", "docs/distillation.md (soft and none: the other arms)"),
         Knob("distill.teacher.name", "resnet18", "docs/distillation.md"),
         Knob("distill.teacher.img_size", 32, "docs/distillation.md: the batch resized to 32x32"),
@@ -412,7 +528,8 @@ DIGITS_DISTILL = Card(
 
 CARDS: dict[str, Card] = {
     "deit_recipe": DEIT, "deit3_recipe": DEIT3, "deit3_recipe_base": DEIT3_BASE,
-    "finetune_imagefolder": FINETUNE_IMAGEFOLDER, "finetune_cifar10": FINETUNE_CIFAR10, "linear_probe": LINEAR_PROBE,
+    "finetune_imagefolder": FINETUNE_IMAGEFOLDER, "finetune_cifar10": FINETUNE_CIFAR10,
+    "finetune_cifar10_quick": FINETUNE_CIFAR10_QUICK, "linear_probe": LINEAR_PROBE,
     "probe_imagefolder": PROBE_IMAGEFOLDER,
     "digits_pretrain": DIGITS_PRETRAIN, "digits_finetune": DIGITS_FINETUNE, "digits_scratch": DIGITS_SCRATCH,
     "digits_teacher": DIGITS_TEACHER, "digits_distill": DIGITS_DISTILL,

@@ -131,8 +131,8 @@ def test_design_card_deit_on_cifar10_composes() -> None:
     assert (cfg.model.name, cfg.model.img_size, cfg.data.name) == ("deit_base_distilled_patch16_224", 224, "cifar10")
 
 
-def test_finetune_cifar10_experiment_is_the_seed_recipe() -> None:
-    cfg = compose(["experiment=finetune_cifar10"])
+def test_finetune_cifar10_quick_experiment_is_the_seed_recipe() -> None:
+    cfg = to_config(compose(["experiment=finetune_cifar10_quick"]))  # img_size null: the weights' 224
     assert (cfg.model.name, cfg.model.pretrained, cfg.model.img_size) == ("vit_small_patch16_224", True, 224)
     assert (cfg.data.name, cfg.data.batch_size, cfg.data.crop_padding, cfg.data.hflip) == ("cifar10", 32, 4, True)
     assert (cfg.optimizer.lr, cfg.optimizer.backbone_lr, cfg.optimizer.weight_decay) == (1e-3, 1e-5, 0.01)
