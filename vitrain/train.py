@@ -21,6 +21,7 @@ from vitrain.build import build_trainer
 from vitrain.checkpoint import remove_partial_saves
 from vitrain.cli import check_group_choice, check_override_keys, run_command
 from vitrain.config import CONFIG_DIR, TrainConfig, ensure_writable, to_config
+from vitrain.data.remote import NetworkError
 from vitrain.distributed import (
     World,
     barrier,
@@ -29,7 +30,7 @@ from vitrain.distributed import (
     launcher,
     torchrun_world,
 )
-from vitrain.errors import Preempted
+from vitrain.errors import Preempted, first_line
 from vitrain.pruning import PRUNED
 from vitrain.runtime import seed_everything
 
@@ -84,6 +85,15 @@ def write_resolved_config(path: Path, config: dict[str, Any]) -> None:
     path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(config)))
 
 
+def network_stop(error: NetworkError, run_dir: Path, resume: str) -> str:
+    """The one line for a run stopped by an unreachable data server: the cause, the checkpoint that is kept (or
+    none yet), and the command that goes on from it once the server answers again."""
+    last = run_dir / "checkpoints" / "last.pt"
+    kept = f"{last} is kept; once the server answers, resume with: {resume}" if last.is_file() else \
+        "no checkpoint was written yet; run the command again once the server answers"
+    return f"{first_line(error, 1000)}; it is the network, not the shard (data.skip_corrupt does not apply): {kept}"
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def hydra_main(cfg: DictConfig) -> float | str:
     """The Hydra app; returns the final top-1 so that sweepers can optimise it. Exit codes: 1 for a user
@@ -91,14 +101,19 @@ def hydra_main(cfg: DictConfig) -> float | str:
     the command that resumes is printed)."""
     run_dir = HydraConfig.get().runtime.output_dir
 
-    def resume_hint(e: Preempted) -> None:
+    def resume_command() -> str:
         overrides = " ".join(o for o in HydraConfig.get().overrides.task if not o.startswith("trainer.resume="))
+        return f"{launcher()} -m vitrain.train {overrides} hydra.run.dir={run_dir} trainer.resume=auto"
+
+    def resume_hint(e: Preempted) -> None:
         if torchrun_world().rank == 0:
-            print(f"{e}\nresume with: {launcher()} -m vitrain.train {overrides} hydra.run.dir={run_dir} "
-                  f"trainer.resume=auto", file=sys.stderr)
+            print(f"{e}\nresume with: {resume_command()}", file=sys.stderr)
 
     def run() -> float | str:
-        metrics = train(cfg, run_dir)
+        try:
+            metrics = train(cfg, run_dir)
+        except NetworkError as e:  # the data's server, not the data: what is kept, and how to go on
+            raise NetworkError(network_stop(e, Path(run_dir), resume_command())) from e
         top1 = PRUNED if metrics["state"] == "pruned" else metrics["final_top1"]  # what the sweeper records
         barrier()  # every rank done before any leaves the group: gloo aborts a rank whose peer is already gone
         return top1

@@ -53,6 +53,12 @@ class DataConfig:
     val_shards: str | None = None  # webdataset: the validation shards
     shuffle_buffer: int = 1000  # webdataset: samples shuffled in a buffer per loader worker (0: shard order only)
     epoch_size: int | None = None  # webdataset: samples in the train shards, for streams without a manifest
+    manifest: str | None = None  # webdataset: the shards' manifest.json (counts of the train and val shards,
+    #   classes; scripts/make_shards.py writes it), a path or URL (pipe:, http(s)://, s3://, gs://); null: beside them
+    storage_options: dict[str, Any] = field(default_factory=dict)  # webdataset: fsspec options for s3:// and gs://
+    #   (s3fs, gcsfs: endpoint_url, key, secret, anon, ...); the S3 endpoint also comes from AWS_ENDPOINT_URL
+    retry_seconds: float = 120.0  # webdataset: how long a server that does not answer (refused, reset, timeout,
+    #   HTTP 429/5xx, throttling) is retried, going on at the byte reached, before the run stops (last.pt is kept)
     skip_corrupt: bool = False  # webdataset, imagefolder, filelist, hf: skip unreadable samples instead of stopping
     #   (each replaced by another of its batch, counted in TensorBoard's data/skipped_corrupt); not data.cache or
     #   data.decode=device, which stop at an unreadable file
@@ -190,6 +196,8 @@ class DataConfig:
                               f"the weights' own) does not evaluate on; set data.crop_mode=center or data.cache=false")
         if self.shuffle_buffer < 0:
             raise ConfigError(f"data.shuffle_buffer must be >= 0 (0: shard order only), got {self.shuffle_buffer}")
+        if self.retry_seconds < 0:
+            raise ConfigError(f"data.retry_seconds must be >= 0 (0: no retry), got {self.retry_seconds}")
         if self.epoch_size is not None and self.epoch_size <= 0:
             raise ConfigError(f"data.epoch_size must be positive, or null to count the shards, got {self.epoch_size}")
 

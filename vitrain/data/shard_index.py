@@ -11,8 +11,11 @@ import glob
 import json
 import logging
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from vitrain.data.remote import read_text, scheme, shard_name, sibling
 from vitrain.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -20,12 +23,15 @@ log = logging.getLogger(__name__)
 
 def expand_shards(spec: str) -> list[str]:
     """The shard URLs of ``data.shards``: brace patterns expanded (``a-{000..009}.tar``), ``::`` separating
-    several; local paths made absolute."""
+    several; local paths made absolute; a scheme that cannot be read is refused
+    (:func:`~vitrain.data.remote.scheme`)."""
     from webdataset.shardlists import expand_urls
 
     urls = expand_urls(spec)
     if not urls:
         raise DataError(f"data.shards='{spec}' names no shard; give a path, a brace pattern or a URL")
+    for url in urls:
+        scheme(url)
     local = [u for u in urls if _is_local(u)]
     missing = [u for u in local if not Path(u).expanduser().is_file()]
     globs = [u for u in missing if re.search(r"[*?[]", u)]
@@ -37,7 +43,7 @@ def expand_shards(spec: str) -> list[str]:
 
 
 def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
+    return scheme(url) == "file"
 
 
 def _glob_message(pattern: str) -> str:
@@ -73,13 +79,33 @@ def _brace_pattern(paths: list[str]) -> str | None:
     return "::".join(parts) if len(parts) <= 4 else None
 
 
-def shard_counts(urls: list[str], epoch_size: int | None, skip_corrupt: bool) -> list[int]:
-    """The samples in each shard of ``urls``: from the ``manifest.json`` beside them, else ``epoch_size`` spread
-    evenly (a stream), else counted (local shards; see :func:`_count` for a truncated one)."""
-    manifest = _beside(urls[0], "manifest.json")
+@dataclass(frozen=True)
+class Index:
+    """Where the index files are: ``manifest`` (``data.manifest``: a path or URL; None: ``manifest.json`` beside
+    the shards), and how remote ones are read (``data.storage_options``, ``data.retry_seconds``)."""
+
+    manifest: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    retry_seconds: float = 120.0
+
+    def read(self, shard: str, name: str) -> str | None:
+        """The text of the index file ``name`` beside ``shard`` (``manifest.json``: ``manifest`` when given)."""
+        url = self.manifest if name == "manifest.json" and self.manifest else sibling(shard, name)
+        text = read_text(url, self.storage_options, self.retry_seconds)
+        if text is None and name == "manifest.json" and self.manifest:
+            raise DataError(f"data.manifest={self.manifest} cannot be read; check the path or URL")
+        return text
+
+
+def shard_counts(urls: list[str], epoch_size: int | None, skip_corrupt: bool, index: Index | None = None) -> list[int]:
+    """The samples in each shard of ``urls``: from the manifest (``data.manifest``, else ``manifest.json`` beside
+    them), else ``epoch_size`` spread evenly (a stream), else counted (local shards; see :func:`_count` for a
+    truncated one)."""
+    index = index or Index()
+    manifest = index.read(urls[0], "manifest.json")
     entries = json.loads(manifest).get("shards", []) if manifest else []
     known = {entry["name"]: entry["count"] for entry in entries}
-    names = [u.rsplit("/", 1)[-1] for u in urls]
+    names = [shard_name(u) for u in urls]
     if all(n in known for n in names):
         return [known[n] for n in names]
     if epoch_size is not None:  # a stream without a manifest: spread the size evenly, approximately
@@ -87,8 +113,9 @@ def shard_counts(urls: list[str], epoch_size: int | None, skip_corrupt: bool) ->
                     "seen about once per epoch; a manifest makes it exact)", epoch_size)
         return [epoch_size * (i + 1) // len(urls) - epoch_size * i // len(urls) for i in range(len(urls))]
     if not all(_is_local(u) for u in urls):
-        raise ConfigError("the shards have no manifest.json beside them (scripts/make_shards.py writes one); set "
-                          "data.epoch_size=N, the number of training samples")
+        raise ConfigError(f"the shards have no manifest.json beside them ({sibling(urls[0], 'manifest.json')}: "
+                          f"scripts/make_shards.py writes one); set data.manifest=PATH_OR_URL, or data.epoch_size=N, "
+                          f"the number of training samples")
     log.info("counting the samples of %d shards (no manifest.json beside them)", len(urls))
     return [_count(u, skip_corrupt) for u in urls]
 
@@ -122,36 +149,21 @@ def tar_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
-def shard_classes(url: str) -> list[str]:
+def shard_classes(url: str, index: Index | None = None) -> list[str]:
     """The class names from ``classes.txt`` (one per line) or ``classes.json`` (a list, or name -> index)
-    beside the shards, or the ``classes`` of their ``manifest.json``."""
-    text = _beside(url, "classes.txt")
+    beside the shards, or the ``classes`` of their manifest."""
+    index = index or Index()
+    text = index.read(url, "classes.txt")
     if text is not None:
         return [line.strip() for line in text.splitlines() if line.strip()]
     for name, key in (("classes.json", None), ("manifest.json", "classes")):
-        text = _beside(url, name)
+        text = index.read(url, name)
         if text is not None:
             value = json.loads(text) if key is None else json.loads(text).get(key)
             if isinstance(value, dict):
                 return [n for n, _ in sorted(value.items(), key=lambda item: item[1])]
             if value:
                 return [str(v) for v in value]
-    folder = url.rsplit("/", 1)[0] if "/" in url else "."
-    raise DataError(f"no classes.txt, classes.json or manifest.json beside the shards in {folder}; write the class "
-                    f"names there, one per line (scripts/make_shards.py does)")
-
-
-def _beside(url: str, name: str) -> str | None:
-    """The text of the file ``name`` in the folder of shard ``url`` (local or remote), or None."""
-    if _is_local(url):
-        path = Path(url).parent / name
-        return path.read_text() if path.is_file() else None
-    if url.startswith("pipe:"):
-        return None
-    try:
-        from webdataset.gopen import gopen
-
-        with gopen(url.rsplit("/", 1)[0] + "/" + name) as f:
-            return f.read().decode()
-    except Exception:
-        return None
+    raise DataError(f"no classes.txt, classes.json or manifest.json beside the shards (looked for "
+                    f"{sibling(url, 'classes.txt')}); write the class names there, one per line "
+                    f"(scripts/make_shards.py does), or give a manifest with classes: data.manifest=PATH_OR_URL")

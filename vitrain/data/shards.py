@@ -32,7 +32,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vitrain.data.shard_index import expand_shards, shard_classes, shard_counts, tar_reason
+from vitrain.data.remote import NetworkError, cause, open_shard
+from vitrain.data.shard_index import Index, expand_shards, shard_classes, shard_counts, tar_reason
 from vitrain.data.sources import MAX_IMAGE_PIXELS, pixel_limit, too_many_pixels, upright
 from vitrain.errors import DataError, first_line
 from vitrain.runtime import loader_workers
@@ -48,8 +49,9 @@ class ShardStream(IterableDataset):
     share, the batch size and the resume position before each pass."""
 
     def __init__(self, urls: list[str], counts: list[int], classes: list[str], train: bool,
-                 shuffle_buffer: int = 1000, skip_corrupt: bool = False) -> None:
+                 shuffle_buffer: int = 1000, skip_corrupt: bool = False, index: Index | None = None) -> None:
         self.urls, self.counts, self.classes, self.train = urls, counts, classes, train
+        self.index = index or Index()  # how the shards (and their manifest) are read: storage options, retries
         self.shuffle_buffer, self.skip_corrupt, self.transform = shuffle_buffer, skip_corrupt, None
         self.seed, self.epoch, self.rank, self.world_size, self.batch_size = 0, 0, 0, 1, 1
         self.max_pixels: int | None = MAX_IMAGE_PIXELS  # data.max_image_pixels: larger images are refused
@@ -133,18 +135,21 @@ class ShardStream(IterableDataset):
 
     def _read_shard(self, url: str, first: int, take: int) -> Iterator[dict[str, Any]]:
         """Samples [first, first + take) of one shard; with ``skip_corrupt``, fewer (and a warning) when the shard
-        ends early or cannot be read further."""
-        from webdataset.tariterators import tarfile_samples
-
+        ends early or cannot be read further. A network fault (:mod:`vitrain.data.remote`: retried for
+        ``data.retry_seconds``) is never taken for corruption: it stops the run, whatever ``skip_corrupt`` says."""
         seen, error = 0, None
         try:
-            for sample in tarfile_samples([{"url": url}]):
+            for sample in read_samples(url, self.index):
                 seen += 1
                 if seen > first:
                     yield sample
                     if seen == first + take:
                         return
+        except NetworkError:
+            raise
         except Exception as e:
+            if missing(e):
+                raise DataError(f"shard {url} does not exist ({cause(e)}); check data.shards") from e
             error = e
         ended = f"it ends after {seen} samples, fewer than counted"
         what = f"{tar_reason(error)} after {seen} samples" if error else ended
@@ -179,6 +184,24 @@ class ShardStream(IterableDataset):
 
     def _seed(self, worker: int, batch: int) -> int:
         return int(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker, batch + 1]).generate_state(1)[0])
+
+
+def read_samples(url: str, index: Index) -> Iterator[dict[str, Any]]:
+    """The samples of one shard, its tar members grouped by key (webdataset's expander and grouping), its bytes
+    from :func:`vitrain.data.remote.open_shard` (any scheme, network faults ridden out)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    with open_shard(url, index.storage_options, index.retry_seconds) as stream:
+        try:
+            yield from group_by_keys(tar_file_expander([{"stream": stream, "url": url}]))
+        except NetworkError as e:  # webdataset appends its stream and URL to the arguments: the message alone
+            raise NetworkError(str(e.args[0])) from None
+
+
+def missing(error: BaseException) -> bool:
+    """A shard that is not there: no such file, HTTP 404, an object store's NoSuchKey."""
+    return isinstance(error, FileNotFoundError) or getattr(error, "code", None) == 404 or \
+        "NoSuchKey" in type(error).__name__
 
 
 def _member(raw: dict[str, Any], keys: tuple[str, ...], what: str) -> str:
@@ -286,13 +309,15 @@ class ShardLoader:
 
 
 def open_shards(spec: str, train: bool, shuffle_buffer: int, skip_corrupt: bool,
-                epoch_size: int | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS) -> ShardStream:
-    """The :class:`ShardStream` of ``spec``, with its per-shard counts and classes read beside the shards."""
-    urls = expand_shards(spec)
-    counts = shard_counts(urls, epoch_size, skip_corrupt)
+                epoch_size: int | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS,
+                index: Index | None = None) -> ShardStream:
+    """The :class:`ShardStream` of ``spec``, with its per-shard counts and classes from ``index`` (the manifest
+    and class list beside the shards, or ``data.manifest``)."""
+    urls, index = expand_shards(spec), index or Index()
+    counts = shard_counts(urls, epoch_size, skip_corrupt, index)
     if sum(counts) == 0:
         raise DataError(f"no sample of the {len(urls)} shard(s) of '{spec}' can be read; regenerate them with "
                         f"scripts/make_shards.py")
-    stream = ShardStream(urls, counts, shard_classes(urls[0]), train, shuffle_buffer, skip_corrupt)
+    stream = ShardStream(urls, counts, shard_classes(urls[0], index), train, shuffle_buffer, skip_corrupt, index)
     stream.max_pixels = max_pixels
     return stream
