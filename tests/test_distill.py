@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -9,13 +11,18 @@ import pytest
 import torch
 from torch import nn
 
-from vitrain.checkpoint import load_checkpoint
-from vitrain.config import compose, to_config
+import vitrain
+from vitrain.build import build_loss, build_model, checkpoint_metadata, resolve_preprocess
+from vitrain.checkpoint import load_checkpoint, save_checkpoint
+from vitrain.config import TrainConfig, compose, to_config
+from vitrain.data.config import IMAGENET_MEAN, IMAGENET_STD
 from vitrain.distill import (
     DistillationLoss,
+    TeacherConfig,
     TeacherInputs,
     build_criterion,
     hard_distillation_loss,
+    resolve_teacher,
     soft_distillation_loss,
 )
 from vitrain.errors import ConfigError
@@ -143,3 +150,165 @@ def test_teacher_of_another_class_count_is_refused(teacher_run: Path, tmp_path: 
     cfg = compose(["experiment=digits_distill", f"distill.teacher.checkpoint={teacher_run}", "data.classes=[0,1,2]"])
     with pytest.raises(ConfigError, match="teacher checkpoint .* another number of classes than the student's data"):
         train(cfg, tmp_path)
+
+
+# --- the teacher sees what it was trained on: its own normalization and size ---------------------------------------
+
+TEACHER_MEAN, TEACHER_STD = [0.3, 0.4, 0.6], [0.2, 0.3, 0.25]  # a vitrain teacher trained with its own values
+
+
+def normalize(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    return (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def randomize(model: nn.Module, scale: float = 0.1) -> nn.Module:
+    """Noise on every parameter, so that the logits are O(1) and depend on the input's normalization."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def student_run(overrides: list[str]) -> TrainConfig:
+    """The digits_distill student (DeiT-Nano at 16, data mean/std 0.5) with its teacher's inputs resolved, as
+    build_trainer resolves them before any data is read."""
+    cfg, _ = resolve_preprocess(to_config(compose(["experiment=digits_distill", "distill=soft",
+                                                   "distill.teacher.img_size=null", *overrides])))
+    teacher, _ = resolve_teacher(cfg.distill.teacher, cfg.data.mean, cfg.data.std, cfg.model.img_size)
+    cfg.distill = dataclasses.replace(cfg.distill, teacher=teacher)  # a no-op where resolve_preprocess did it
+    return cfg
+
+
+def what_the_teacher_sees(criterion: DistillationLoss, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's input and logits inside the loss, for a student batch."""
+    seen: dict[str, torch.Tensor] = {}
+    hook = criterion.teacher.register_forward_hook(lambda m, args, out: seen.update(x=args[0], z=out))
+    criterion(batch, torch.zeros(batch.shape[0], 10), torch.zeros(batch.shape[0], dtype=torch.long))
+    hook.remove()
+    return seen["x"], seen["z"]
+
+
+def assert_teacher_gets_its_own_inputs(cfg: TrainConfig, t_mean: list[float], t_std: list[float],
+                                       t_size: int) -> None:
+    """Pixels in [0, 1] normalized for the student: inside the loss, the teacher's logits are its logits on the
+    same pixels normalized with its own mean/std (resized to its own size), and not those of the student's batch."""
+    torch.manual_seed(0)
+    criterion = build_loss(cfg, 10, torch.device("cpu"))
+    size = cfg.model.img_size
+    pixels = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8).float() / 255
+    x, z = what_the_teacher_sees(criterion, normalize(pixels, cfg.data.mean, cfg.data.std))
+    own = normalize(pixels, t_mean, t_std)
+    if t_size != size:
+        own = torch.nn.functional.interpolate(own, size=(t_size, t_size), mode="bicubic", align_corners=False)
+    assert x.shape == (4, 3, t_size, t_size)
+    with torch.no_grad():
+        expected = criterion.teacher(own)
+        wrong = criterion.teacher(normalize(pixels, cfg.data.mean, cfg.data.std)) if t_size == size else expected
+    assert (x - own).abs().max() <= 1e-5
+    assert (z - expected).abs().max() <= 1e-5
+    assert t_size != size or (wrong - expected).abs().max() > 0.1  # the normalization matters to this teacher
+
+
+def vitrain_teacher(folder: Path, img_size: int) -> Path:
+    """A best.pt as a vitrain run writes it (model spec, preprocess with its own mean/std, config), random weights:
+    a ViT-Nano teacher for the 10 digits, trained at ``img_size``."""
+    cfg = to_config(compose(["model=vit_nano", f"model.img_size={img_size}", f"data.mean={TEACHER_MEAN}",
+                             f"data.std={TEACHER_STD}"]))
+    torch.manual_seed(0)
+    model = randomize(build_model(cfg.model, 10))
+    state = {**checkpoint_metadata(cfg, [str(i) for i in range(10)], 64, 1), "model": model.state_dict(),
+             "vitrain_version": vitrain.__version__}
+    return save_checkpoint(state, folder / "checkpoints" / "best.pt")
+
+
+def test_the_teacher_takes_its_pretrained_weights_values_and_a_set_value_wins() -> None:
+    """deit_small_patch16_224.fb_in1k (ImageNet mean/std, 224) under a student normalized with 0.5: timm's
+    pretrained_cfg gives the teacher's values (read without weights, offline)."""
+    cfg = TeacherConfig(source="timm", name="deit_small_patch16_224.fb_in1k", pretrained=True)
+    resolved, said = resolve_teacher(cfg, [0.5] * 3, [0.5] * 3, 16)
+    assert (resolved.mean, resolved.std, resolved.img_size) == (IMAGENET_MEAN, IMAGENET_STD, 224)
+    assert said == (f"distillation teacher deit_small_patch16_224.fb_in1k: distill.teacher.img_size=224 (the "
+                    f"teacher's weights'), distill.teacher.mean={IMAGENET_MEAN} (the teacher's weights'), "
+                    f"distill.teacher.std={IMAGENET_STD} (the teacher's weights')")
+    assert resolve_teacher(resolved, [0.5] * 3, [0.5] * 3, 16)[0] == resolved  # resolving again changes nothing
+    explicit, said = resolve_teacher(dataclasses.replace(cfg, mean=[0.5] * 3, img_size=32), [0.5] * 3, [0.5] * 3, 16)
+    assert (explicit.mean, explicit.std, explicit.img_size) == ([0.5] * 3, IMAGENET_STD, 32)
+    assert "distill.teacher.mean=[0.5, 0.5, 0.5] (set)" in said and "img_size=32 (set)" in said
+
+
+def test_the_teacher_gets_its_own_normalization_inside_the_loss(tmp_path: Path) -> None:
+    """The key check: a timm ResNet-18 teacher whose weights (a hub folder, local-dir:) record ImageNet's mean/std
+    at 16x16, under the 0.5-normalized student at 16: inside the loss it sees the pixels as ImageNet-normalized."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    folder = tmp_path / "resnet18"
+    folder.mkdir()
+    save_file(randomize(timm.create_model("resnet18", num_classes=10), 0.05).state_dict(), folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"architecture": "resnet18", "num_classes": 10, "pretrained_cfg": {
+        "input_size": [3, 16, 16], "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bicubic",
+        "crop_pct": 0.9}}))
+    cfg = student_run([f"distill.teacher.checkpoint=local-dir:{folder}"])
+    assert (cfg.data.mean, cfg.distill.teacher.mean, cfg.distill.teacher.img_size) == ([0.5] * 3, IMAGENET_MEAN, 16)
+    assert_teacher_gets_its_own_inputs(cfg, IMAGENET_MEAN, IMAGENET_STD, 16)
+
+
+def test_a_vitrain_teacher_checkpoint_brings_its_normalization(tmp_path: Path) -> None:
+    """A vitrain run's best.pt whose preprocess has its own mean/std: the student (0.5, at the teacher's 32)
+    feeds the teacher the pixels normalized with the teacher's values."""
+    checkpoint = vitrain_teacher(tmp_path, 32)
+    cfg = student_run(["distill.teacher.source=vitrain", "distill.teacher.name=vit_nano_patch4_16",
+                       f"distill.teacher.checkpoint={checkpoint}", "model.img_size=32"])
+    assert (cfg.distill.teacher.mean, cfg.distill.teacher.std) == (TEACHER_MEAN, TEACHER_STD)
+    assert_teacher_gets_its_own_inputs(cfg, TEACHER_MEAN, TEACHER_STD, 32)
+
+
+def test_a_teacher_trained_at_another_size_is_built_and_fed_at_its_own(tmp_path: Path) -> None:
+    """Teacher weights trained at 32, student at 16: the teacher is built at 32 (its position table has 8x8 patches)
+    and gets 32x32 inputs, resized on the device after its own normalization."""
+    checkpoint = vitrain_teacher(tmp_path, 32)
+    cfg = student_run(["distill.teacher.source=vitrain", "distill.teacher.name=vit_nano_patch4_16",
+                       f"distill.teacher.checkpoint={checkpoint}"])
+    assert (cfg.model.img_size, cfg.distill.teacher.img_size) == (16, 32)
+    criterion = build_loss(cfg, 10, torch.device("cpu"))
+    assert criterion.teacher.pos_embed.shape[1] == 1 + 8 * 8
+    assert_teacher_gets_its_own_inputs(cfg, TEACHER_MEAN, TEACHER_STD, 32)
+
+
+@pytest.mark.parametrize("weights", ["plain", "random"])
+def test_a_teacher_without_recorded_normalization_is_said_in_one_line(weights: str, tmp_path: Path) -> None:
+    """A plain state dict (or random weights) records no normalization: the student's is used, and the one line
+    says so and names distill.teacher.mean/std."""
+    from vitrain.models import create_model
+
+    checkpoint = None
+    if weights == "plain":
+        checkpoint = str(tmp_path / "plain.pth")
+        torch.save(create_model("vit_nano_patch4_16", num_classes=10).state_dict(), checkpoint)
+    cfg = TeacherConfig(source="vitrain", name="vit_nano_patch4_16", checkpoint=checkpoint)
+    resolved, said = resolve_teacher(cfg, [0.5] * 3, [0.5] * 3, 16)
+    assert (resolved.mean, resolved.std, resolved.img_size) == ([0.5] * 3, [0.5] * 3, 16)
+    assert "\n" not in said and "distill.teacher.mean=[0.5, 0.5, 0.5] (the student's data.mean)" in said
+    origin = f"its checkpoint {checkpoint}" if checkpoint else "its random weights"
+    assert said.endswith(f"; {origin} record no normalization, so the teacher gets the student's: set "
+                         f"distill.teacher.mean=[...] distill.teacher.std=[...] to the values it was trained with")
+    _, said = resolve_teacher(dataclasses.replace(cfg, mean=IMAGENET_MEAN, std=IMAGENET_STD), [0.5] * 3, [0.5] * 3, 16)
+    assert "record no normalization" not in said  # set by the user: nothing to say
+
+
+def test_bad_teacher_values_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"distill.teacher.std must be positive in every channel, got \[0.5, 0.0"):
+        to_config(compose(["distill.teacher.std=[0.5,0.0,0.5]"]))
+    with pytest.raises(ConfigError, match="distill.teacher.img_size must be positive"):
+        to_config(compose(["distill.teacher.img_size=0"]))
+
+
+def test_the_checkpoint_config_records_the_teachers_resolved_inputs(tmp_path: Path) -> None:
+    checkpoint = vitrain_teacher(tmp_path, 32)
+    cfg = to_config(compose(["experiment=digits_distill", "distill.teacher.source=vitrain",
+                             "distill.teacher.name=vit_nano_patch4_16", f"distill.teacher.checkpoint={checkpoint}",
+                             "distill.teacher.img_size=null"]))
+    teacher = checkpoint_metadata(cfg, [str(i) for i in range(10)], 64, 1)["config"]["distill"]["teacher"]
+    assert (teacher["mean"], teacher["std"], teacher["img_size"]) == (TEACHER_MEAN, TEACHER_STD, 32)

@@ -23,7 +23,7 @@ from torch import nn
 from vitrain.config import TrainConfig
 from vitrain.data import DataSplits, build_datasets, build_loaders, build_mixup
 from vitrain.data.cache import cache_folder, user_cache_dir
-from vitrain.distill import TeacherInputs, build_criterion, build_teacher
+from vitrain.distill import TeacherInputs, build_criterion, build_teacher, resolve_teacher
 from vitrain.distributed import World, rank0_first
 from vitrain.errors import ConfigError
 from vitrain.features import FeatureLoader, FeatureProbe, backbone_digest, cached_features, files_key
@@ -52,8 +52,12 @@ def resolve_preprocess(cfg: TrainConfig) -> tuple[TrainConfig, str]:
     resolved = copy.copy(cfg)  # not dataclasses.replace: TrainConfig's checks (and their warnings) ran already
     resolved.data = dataclasses.replace(cfg.data, **{k: v for k, (v, _) in chosen.items()})
     said = ", ".join(f"data.{k}={v} ({source})" for k, (v, source) in chosen.items())
+    teacher_said = ""
+    if cfg.distill.name != "none":  # the teacher's own inputs, from its weights (distill.resolve_teacher)
+        teacher, teacher_said = resolve_teacher(cfg.distill.teacher, resolved.data.mean, resolved.data.std, m.img_size)
+        resolved.distill = dataclasses.replace(cfg.distill, teacher=teacher)
     return resolved, f"{size_note(m, weights.values.get('img_size'))}; preprocessing: {said}; the weights: " \
-                     f"{weights.origin}"
+                     f"{weights.origin}" + (f"; {teacher_said}" if teacher_said else "")
 
 
 def size_note(model: ModelConfig, trained_at: int | None) -> str:
@@ -100,12 +104,17 @@ def enable_grad_checkpointing(model: nn.Module, name: str) -> None:
 
 def build_loss(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Module:
     """The criterion of the ``loss`` and ``distill`` groups, called as ``criterion(inputs, outputs, labels)``;
-    for distillation, with the frozen teacher and the adapter from the data's inputs to the teacher's."""
+    for distillation, with the frozen teacher at its own input size and the adapter from the data's inputs to the
+    teacher's (its own normalization and size: ``distill.teacher.mean``/``std``/``img_size`` as
+    :func:`~vitrain.distill.resolve_teacher` resolves them)."""
     d = cfg.distill
     if d.name == "none":
         return build_criterion("none", cfg.loss)
-    teacher = build_teacher(d.teacher, num_classes, cfg.model.img_size, device, cfg.trainer.channels_last)
-    adapter = TeacherInputs(cfg.data.mean, cfg.data.std, d.teacher.mean, d.teacher.std, d.teacher.img_size)
+    t, said = resolve_teacher(d.teacher, cfg.data.mean, cfg.data.std, cfg.model.img_size)
+    if t != d.teacher:  # not resolved by resolve_preprocess (which logged the line before any data was read)
+        log.info(said)
+    teacher = build_teacher(t, num_classes, t.img_size, device, cfg.trainer.channels_last)
+    adapter = TeacherInputs(cfg.data.mean, cfg.data.std, t.mean, t.std, t.img_size)
     return build_criterion(d.name, cfg.loss, teacher, d.alpha, d.tau, d.reduction, adapter)
 
 

@@ -12,6 +12,13 @@ two outputs (a plain model's one output serves as both) and ``z_t`` the teacher'
 
 :class:`DistillConfig` is the schema of the ``distill`` config group.
 
+The teacher sees what it was trained on (:func:`resolve_teacher`, before any data is read): its normalization
+mean/std and input size are ``distill.teacher.mean``/``std``/``img_size`` where set, else its own weights' (the
+``preprocess`` of a vitrain checkpoint, timm's ``pretrained_cfg`` of its tag, torchvision's weights, a hub folder's
+config.json), else the student's; a teacher whose weights record no normalization (a plain state dict, random
+weights) gets the student's, and the log line says so. :class:`TeacherInputs` turns the student's batch into the
+teacher's on the device: de-normalized, re-normalized with the teacher's values, resized to its size.
+
 The soft KL is summed over classes and divided by the batch size (``reduction="batchmean"``, as timm
 and PyTorch's KLDivLoss recommend), or divided by the number of logits, batch x classes
 (``reduction="numel"``, as DeiT's reference code does: that is the batchmean value / classes).
@@ -19,6 +26,7 @@ and PyTorch's KLDivLoss recommend), or divided by the number of logits, batch x 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -153,9 +161,19 @@ class TeacherConfig:
     name: str | None = None  # the teacher's architecture, e.g. resnet18 (a timm name) or a vitrain model name
     checkpoint: str | None = None  # its weights: a vitrain run's checkpoints/best.pt, or a timm/torchvision/DeiT file
     pretrained: bool = False  # ImageNet weights from the hub instead (needs network; the head must fit the task)
-    img_size: int | None = None  # the teacher's input size when it differs from the student's (the batch is resized)
-    mean: list[float] | None = None  # the teacher's normalization mean when it differs from the data's
-    std: list[float] | None = None  # the teacher's normalization std, likewise
+    img_size: int | None = None  # the teacher's input size (the batch is resized to it); null: the size its weights
+    #   were trained at, else the student's
+    mean: list[float] | None = None  # the teacher's normalization mean; null: its weights' own, else the student's
+    std: list[float] | None = None  # the teacher's normalization std; null: its weights' own, else the student's
+
+    def __post_init__(self) -> None:
+        if self.img_size is not None and self.img_size <= 0:
+            raise ConfigError(f"distill.teacher.img_size must be positive (or null), got {self.img_size}")
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ConfigError(f"distill.teacher.mean and distill.teacher.std need one value per channel each, got "
+                              f"{self.mean} and {self.std}")
+        if self.std is not None and not all(s > 0 for s in self.std):  # the teacher's normalization divides by it
+            raise ConfigError(f"distill.teacher.std must be positive in every channel, got {list(self.std)}")
 
 
 @dataclass
@@ -181,6 +199,38 @@ class DistillConfig:
             raise ConfigError(f"distill.teacher.name has no value; set it on the command line "
                               f"(distill.teacher.name=..., and distill.teacher.checkpoint=PATH): distill={self.name} "
                               f"needs a teacher")
+
+
+def resolve_teacher(cfg: TeacherConfig, student_mean: Sequence[float], student_std: Sequence[float],
+                    student_size: int) -> tuple[TeacherConfig, str]:
+    """``cfg`` (a copy) with ``mean``, ``std`` and ``img_size`` set, and a line saying each and where it came from:
+    set in the config, else the teacher's own weights' (its checkpoint's, else its pretrained weights':
+    :func:`~vitrain.models.weights.weights_preprocess`), else the student's (``data.mean``/``std``,
+    ``model.img_size``). A teacher whose weights record no normalization gets the student's, and the line says so
+    and names the keys to set. Reads no weights (only what they record), so it runs before any data is read;
+    a resolved config resolves to itself. A teacher without a name (``distill=none``) is returned as it is."""
+    if not cfg.name:
+        return cfg, ""
+    from vitrain.models.weights import weights_preprocess
+
+    weights = weights_preprocess(cfg.source, cfg.name, cfg.pretrained, cfg.checkpoint).values
+    student = {"img_size": (student_size, "model.img_size"), "mean": (list(student_mean), "data.mean"),
+               "std": (list(student_std), "data.std")}
+    chosen: dict[str, tuple[object, str]] = {}
+    for key, (fallback, student_key) in student.items():
+        for value, source in ((getattr(cfg, key), "set"), (weights.get(key), "the teacher's weights'"),
+                              (fallback, f"the student's {student_key}")):
+            if value is not None:
+                chosen[key] = (list(value) if isinstance(value, list | tuple) else value, source)
+                break
+    said = ", ".join(f"distill.teacher.{key}={value} ({source})" for key, (value, source) in chosen.items())
+    line = f"distillation teacher {cfg.name}: {said}"
+    if any(chosen[key][1].startswith("the student's") for key in ("mean", "std")):
+        origin = (f"its checkpoint {cfg.checkpoint}" if cfg.checkpoint else
+                  "its pretrained weights" if cfg.pretrained else "its random weights")
+        line += (f"; {origin} record no normalization, so the teacher gets the student's: set "
+                 f"distill.teacher.mean=[...] distill.teacher.std=[...] to the values it was trained with")
+    return dataclasses.replace(cfg, **{key: value for key, (value, _) in chosen.items()}), line
 
 
 def build_teacher(cfg: TeacherConfig, num_classes: int, img_size: int, device: torch.device,
