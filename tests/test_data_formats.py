@@ -118,6 +118,28 @@ def test_every_shard_sample_is_seen_once_per_epoch_over_ranks_and_workers(ids: P
     assert sorted(val) == list(range(30, 39))  # evaluation: every sample exactly once
 
 
+@pytest.mark.parametrize(("world", "workers"), [(1, 2), (1, 3), (2, 2)])
+def test_workers_own_whole_shards_and_a_resume_from_any_batch_repeats_the_rest(ids: Path, world: int,
+                                                                              workers: int) -> None:
+    """Uneven shards (7,7,7,7,2): no shard is split between two workers of a rank (each is read once per rank),
+    and resuming after any batch, the tail of joined short batches included, gives the rest of the epoch exactly."""
+    splits = build_datasets(shard_config(ids, shuffle_buffer=8), 16)
+    for rank in range(world):
+        loader = ShardLoader(splits.train, 4, workers, seed=5, rank=rank, world_size=world)
+        loader.set_epoch(1)
+        runs = loader.stream.worker_pieces()
+        owned = [shard for run in runs for shard, _, _ in run]
+        assert len(owned) == len(set(owned))  # a shard is one worker's
+        whole = [(x, y) for x, y in loader]
+        assert sum(len(y) for _, y in whole) == 30 // world
+        for start in range(1, len(whole)):
+            loader.set_epoch(1, start=start * 4)
+            rest = list(loader)
+            assert len(rest) == len(whole) - start
+            assert all(torch.equal(x, x0) and torch.equal(y, y0) for (x, y), (x0, y0) in zip(rest, whole[start:],
+                                                                                              strict=True)), start
+
+
 def test_shard_epochs_are_reproducible_and_resume_mid_epoch_exactly(ids: Path) -> None:
     splits = build_datasets(shard_config(ids, train_crop="rrc", hflip=True, shuffle_buffer=8), 16)
     loader = ShardLoader(splits.train, 4, 2, seed=3, rank=0, world_size=1)

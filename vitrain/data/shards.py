@@ -9,13 +9,17 @@ How an epoch is dealt out, so that every sample is seen once over all processes:
 2. Rank r of W takes samples [r n, (r + 1) n) of that sequence, n = N // W: every rank the same number of
    steps (each step is one DDP all-reduce); the N % W samples left over (fewer than W) wait for the next
    epoch's order. Under mixup a rank's last short batch is dropped, as for the other data sets.
-3. A rank's batches are dealt out in contiguous blocks to its loader workers; each worker reads only its
-   block (skipping to its first sample inside a shard), shuffles it in a buffer (``data.shuffle_buffer``,
-   seeded by seed, epoch, rank and worker), decodes, augments and batches it.
+3. A rank's shards are dealt out whole to its loader workers, in contiguous runs of about as many samples
+   each (:meth:`ShardStream.worker_pieces`): no shard is split between two workers, so each is fetched once per
+   epoch by a rank (only a shard on the boundary between two ranks is read by both, each its part). Each
+   worker shuffles its samples in a buffer (``data.shuffle_buffer``, seeded by seed, epoch, rank and worker),
+   decodes, augments and batches them; its last, short batch is held back by :class:`ShardLoader`, which joins
+   the workers' short batches at the end of the epoch into whole ones (:func:`resume_plan` spells the order).
 
 Resume is exact at epoch boundaries. Inside an epoch it is exact when the run resumes with the same number
-of processes and ``data.num_workers`` (each worker skips the batches it had delivered and the augmentation
-of every batch is seeded by its position); with other numbers the order of the rest of the epoch differs.
+of processes and ``data.num_workers`` (each worker skips the samples it had delivered and the augmentation
+of every batch is seeded by its position; in the joined tail of short batches, the rest of a batch cut by the
+resume is augmented with other draws); with other numbers the order of the rest of the epoch differs.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import logging
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -65,41 +70,66 @@ class ShardStream(IterableDataset):
         n = self._rank_share()[1]
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def worker_batches(self) -> list[range]:
-        """The batch numbers (of this rank's epoch) that each loader worker makes: contiguous blocks."""
-        total, k = self.batches(), max(1, self.num_workers)
-        return [range(w * total // k, (w + 1) * total // k) for w in range(k)]
+    def pieces(self) -> list[tuple[int, int, int]]:
+        """This rank's samples of the epoch as (shard, first, count) pieces, in the epoch's shard order: whole
+        shards, but for the first and last, which a neighbouring rank may share."""
+        first, n = self._rank_share()[0], self._rank_size()
+        out = []
+        for i in self._order():
+            if n <= 0:
+                break
+            if first >= self.counts[i]:
+                first -= self.counts[i]
+                continue
+            take = min(n, self.counts[i] - first)
+            out.append((i, first, take))
+            first, n = 0, n - take
+        return out
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def worker_pieces(self) -> list[list[tuple[int, int, int]]]:
+        """The pieces each loader worker (by role) reads: contiguous runs of whole pieces, about as many samples
+        each, so that no shard is split between two workers of a rank (each is fetched once)."""
+        pieces, k = self.pieces(), max(1, self.num_workers)
+        total, runs, done = sum(p[2] for p in pieces), [[] for _ in range(k)], 0
+        for piece in pieces:
+            runs[min(k - 1, done * k // max(1, total))].append(piece)
+            done += piece[2]
+        return runs
+
+    def worker_outputs(self) -> list[tuple[int, int]]:
+        """(full batches, samples of the last partial batch) that each worker role yields."""
+        return [divmod(sum(p[2] for p in run), self.batch_size) for run in self.worker_pieces()]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int, bool]]:
+        """(images, labels, samples skipped, worker role, partial) for each batch of this worker's samples."""
         info = get_worker_info()
-        # resumed after ``start_batch`` batches, the loader asks worker 0 first: it takes the role of the worker
-        # whose turn came next in the interrupted pass, and the others follow in the same cycle
-        worker = ((0 if info is None else info.id) + self.start_batch) % max(1, self.num_workers)
-        block = self.worker_batches()[worker]
-        skip = _delivered(self.worker_batches(), self.start_batch)[worker]
-        first = self._rank_share()[0] + block.start * self.batch_size
-        n = min(len(block) * self.batch_size, self._rank_size() - block.start * self.batch_size)
-        samples = self._read(first, n)
+        k = max(1, self.num_workers)
+        plan = resume_plan(self.worker_outputs(), self.start_batch, self.batch_size)
+        # a resumed pass asks worker 0 first: it takes the role whose turn came next in the interrupted pass
+        role = ((0 if info is None else info.id) + plan.next_role) % k
+        run, (full, partial), skip = self.worker_pieces()[role], self.worker_outputs()[role], plan.skip[role]
+        n = full * self.batch_size + partial
+        samples = (sample for i, first, take in run for sample in self._read_shard(self.urls[i], first, take))
         if self.train and self.shuffle_buffer > 0:
-            samples = _buffer_shuffle(samples, self.shuffle_buffer, self._seed(worker, -1))
+            samples = _buffer_shuffle(samples, self.shuffle_buffer, self._seed(role, -1))
         rng, batch, last, pending, skipped = _BatchRng(info is None), [], None, 0, 0
         for position, raw in enumerate(_exactly(samples, n, self)):
-            if position < skip * self.batch_size:
+            if position < skip:
                 continue  # delivered before the resume: read (the buffer needs it) but not decoded
             if len(batch) + pending == 0:
-                rng.begin(self._seed(worker, block.start + position // self.batch_size))
+                rng.begin(self._seed(role, position // self.batch_size))
             item = self._decode(raw)  # None: unreadable, skipped (data.skip_corrupt); a good one takes its place
             if item is None:
                 pending, skipped = pending + 1, skipped + 1
             else:
                 batch, last, pending = batch + [item] * (pending + 1), item, 0
-            if len(batch) + pending == self.batch_size or position == n - 1:
+            if (position + 1) % self.batch_size == 0 or position == n - 1:
                 if last is None:
                     raise DataError(f"no sample of this worker's first batch could be read ({raw.get('__url__')})")
                 batch += [last] * pending
                 images, labels = zip(*batch, strict=True)
                 rng.end()
-                yield torch.stack(images), torch.tensor(labels), skipped
+                yield torch.stack(images), torch.tensor(labels), skipped, role, position >= full * self.batch_size
                 batch, pending, skipped = [], 0, 0
 
     def _rank_share(self) -> tuple[int, int]:
@@ -120,18 +150,6 @@ class ShardStream(IterableDataset):
             return list(range(len(self.urls)))
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return torch.randperm(len(self.urls), generator=g).tolist()
-
-    def _read(self, first: int, n: int) -> Iterator[dict[str, Any]]:
-        """The raw samples [first, first + n) of the epoch's shard sequence (tar members, undecoded)."""
-        for i in self._order():
-            if n <= 0:
-                return
-            if first >= self.counts[i]:
-                first -= self.counts[i]
-                continue
-            take = min(n, self.counts[i] - first)
-            yield from self._read_shard(self.urls[i], first, take)
-            first, n = 0, n - take
 
     def _read_shard(self, url: str, first: int, take: int) -> Iterator[dict[str, Any]]:
         """Samples [first, first + take) of one shard; with ``skip_corrupt``, fewer (and a warning) when the shard
@@ -246,15 +264,39 @@ def _share(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return first, (rank + 1) * n // world_size - first
 
 
-def _delivered(blocks: list[range], start_batch: int) -> list[int]:
-    """How many batches of each worker's block the loader yielded in its first ``start_batch`` batches
-    (PyTorch's loader takes one batch from each worker in turn, passing over workers that are done)."""
-    done, left = [0] * len(blocks), start_batch
+@dataclass
+class ResumePlan:
+    """Where each worker role goes on after a resume: ``skip[role]`` samples already delivered (or sitting in the
+    tail of partial batches), and the role whose turn comes next (the resumed loader's worker 0 takes it)."""
+
+    skip: list[int]
+    next_role: int = 0
+
+
+def resume_plan(outputs: list[tuple[int, int]], start_batch: int, batch_size: int) -> ResumePlan:
+    """The loader's batches of an epoch, as :class:`ShardLoader` yields them: the workers' full batches in
+    PyTorch's turn order (one from each worker in turn, passing over workers that are done; a worker's partial
+    last batch takes its turn but is held back), then the held partial batches joined in role order and cut into
+    whole batches. Which samples of each role the first ``start_batch`` of them used."""
+    k, fulls = len(outputs), sum(f for f, _ in outputs)
+    if start_batch > fulls:  # into the tail: every full batch, and the start of the joined partial batches
+        skip, left = [f * batch_size for f, _ in outputs], (start_batch - fulls) * batch_size
+        for role, (_, partial) in enumerate(outputs):
+            used = min(partial, left)
+            skip[role], left = skip[role] + used, left - used
+        return ResumePlan(skip)
+    done, taken, left, turn = [0] * k, [0] * k, start_batch, 0
+    turns = [f + (1 if p else 0) for f, p in outputs]
     while left > 0:
-        for w, block in enumerate(blocks):
-            if left > 0 and done[w] < len(block):
-                done[w], left = done[w] + 1, left - 1
-    return done
+        role = turn % k
+        if taken[role] < turns[role]:
+            taken[role] += 1
+            if taken[role] <= outputs[role][0]:  # a full batch: yielded (a partial one is held, not counted)
+                done[role], left = done[role] + 1, left - 1
+        turn += 1
+    active = [r for r in range(k) if taken[r] < turns[r]]
+    next_role = next((r for r in [*range(turn % k, k), *range(turn % k)] if r in active), 0)
+    return ResumePlan([d * batch_size for d in done], next_role)
 
 
 def _buffer_shuffle(samples: Iterator[dict], size: int, seed: int) -> Iterator[dict]:
@@ -298,14 +340,21 @@ class ShardLoader:
         return self.stream.batches() - self.stream.start_batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        workers = min(self.num_workers, self.stream.batches())
+        workers = min(self.num_workers, max(1, len(self.stream.pieces())))
         self.stream.num_workers = max(1, workers)
         loader = DataLoader(self.stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-                            **loader_workers(workers),
-                            generator=torch.Generator().manual_seed(self.stream.seed))  # leaves the global RNG alone
-        for images, labels, skipped in loader:
+                            generator=torch.Generator().manual_seed(self.stream.seed),  # leaves the global RNG alone
+                            **loader_workers(workers))
+        held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for images, labels, skipped, role, partial in loader:
             self.skipped += skipped
-            yield images, labels
+            if partial:  # a worker's last, short batch: joined with the others' at the end
+                held[role] = images, labels
+            else:
+                yield images, labels
+        if held:
+            images, labels = (torch.cat([held[r][i] for r in sorted(held)]) for i in (0, 1))
+            yield from zip(images.split(self.batch_size), labels.split(self.batch_size), strict=True)
 
 
 def open_shards(spec: str, train: bool, shuffle_buffer: int, skip_corrupt: bool,
