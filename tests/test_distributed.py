@@ -229,6 +229,8 @@ def test_sigterm_to_one_rank_stops_both_and_resume_is_exact(tmp_path: Path) -> N
     assert "resume with: torchrun --nproc_per_node=2 -m vitrain.train" in err
     saved = load_checkpoint(stopped / "checkpoints" / "last.pt")
     assert 4 <= saved["step"] < 3 * 13 and f"after step {saved['step']};" in err, (saved["step"], err[-3000:])
+    metrics = json.loads((stopped / "metrics.json").read_text())  # whatever torchrun's own exit code says
+    assert (metrics["state"], metrics["signal"], metrics["steps"]) == ("preempted", "SIGTERM", saved["step"])
 
     run_to_end([*RANDOM, *every, f"hydra.run.dir={stopped}", "trainer.resume=auto"], tmp_path)
     a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt")
