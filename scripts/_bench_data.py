@@ -6,7 +6,8 @@ step at 224 (random-resized crop, flip, normalize), one epoch per round, from vi
 
 Contenders, on the same generated folder of ImageNet-sized JPEGs (500x375, quality 90, 10 classes):
 ImageFolder + PIL in loader workers (``data=imagefolder``), WebDataset shards + PIL in loader workers
-(``data=webdataset``, shards of 250 made by scripts/make_shards.py), the decode-once cache with batched
+(``data=webdataset``, shards of 250 made by scripts/make_shards.py; the same pre-resized to a shorter side of 256
+with ``--resize 256``, from disk and from a loopback ``http.server``), the decode-once cache with batched
 augmentation (``data.cache=true``), and on CUDA, JPEG decoding on the device (``data.decode=device``).
 Also: the time to build the cache, its size on disk, and the peak resident memory of a process that reads
 one epoch through each contender (a fresh process per contender, so that the figures do not mix).
@@ -103,11 +104,13 @@ def data_config(kind: str, root: Path, batch_size: int, workers: int) -> object:
 
     common = dict(train_crop="rrc", crop_pct=0.875, interpolation="bilinear", batch_size=batch_size,
                   num_workers=workers, crop_padding=0)
-    if kind == "webdataset":
-        names = [s["name"] for s in json.loads((root / "shards/manifest.json").read_text())["shards"]]
+    if kind.startswith("webdataset"):  # webdataset: as stored; "256": pre-resized; "http": those over loopback
+        folder = root / ("shards" if kind == "webdataset" else "shards-256")
+        names = [s["name"] for s in json.loads((folder / "manifest.json").read_text())["shards"]]
         train, val = (sum(n.startswith(f"{split}-") for n in names) - 1 for split in ("train", "val"))
-        return DataConfig(name="webdataset", shards=f"{root}/shards/train-{{000000..{train:06d}}}.tar",
-                          val_shards=f"{root}/shards/val-{{000000..{val:06d}}}.tar", **common)
+        base = (root / "http-url").read_text().strip() if kind.endswith("http") else str(folder)
+        return DataConfig(name="webdataset", shards=f"{base}/train-{{000000..{train:06d}}}.tar",
+                          val_shards=f"{base}/val-{{000000..{val:06d}}}.tar", **common)
     extra = {"cache": True, "cache_dir": str(root / "cache")} if kind == "cache" else {}
     if kind == "device decode":
         extra = {"decode": "device"}
@@ -162,12 +165,16 @@ def bench_folder(device: torch.device, root: Path, images: int, batch_size: int,
     make_jpeg_folder(root, images)
     if not (root / "shards/manifest.json").is_file():
         make_shards(root, root / "shards", per_shard=250)
+    if not (root / "shards-256/manifest.json").is_file():
+        make_shards(root, root / "shards-256", per_shard=250, resize=256)
+    server = serve(root / "shards-256", root / "http-url")
     shutil.rmtree(root / "cache", ignore_errors=True)
     start = time.perf_counter()
     cache = build_cache(load_imagefolder(root)[0].samples, cache_side(224, 0.875), "bilinear", root / "cache",
                         workers)
     build_seconds = time.perf_counter() - start
-    kinds = ["imagefolder", "webdataset", "cache"] + (["device decode"] if device.type == "cuda" else [])
+    kinds = ["imagefolder", "webdataset", "webdataset 256", "webdataset 256 http", "cache"] + (
+        ["device decode"] if device.type == "cuda" else [])
     loaders = {k: train_loader(k, root, batch_size, workers, device) for k in kinds}
     rates: dict[str, list[float]] = {k: [] for k in kinds}
     for r in range(1 + rounds):
@@ -176,10 +183,32 @@ def bench_folder(device: torch.device, root: Path, images: int, batch_size: int,
             if r > 0:
                 rates[k].append(rate)
     memory = {k: one_process(k, root, batch_size, workers, device.type) for k in kinds}
+    server.kill()
+    server.wait()
     return {"images": images, "batch_size": batch_size, "workers": workers, "rounds": rounds,
             "images_per_sec": {k: float(np.median(v)) for k, v in rates.items()}, "all_rates": rates,
             "cache_build_seconds": build_seconds, "cache_bytes": cache.path.stat().st_size,
             "folder_bytes": sum(p.stat().st_size for p in (root / "train").rglob("*.jpg")), "memory_mb": memory}
+
+
+def serve(folder: Path, url_file: Path) -> subprocess.Popen:
+    """Python's http.server over ``folder`` on a free loopback port; its URL written to ``url_file`` (for the
+    one-process memory runs). The caller stops it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                               str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    url_file.write_text(f"http://127.0.0.1:{port}")
+    return server
 
 
 def format_folder(result: dict) -> str:

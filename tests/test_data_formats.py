@@ -253,3 +253,31 @@ def test_num_workers_auto_uses_the_cores_of_this_process(monkeypatch: pytest.Mon
     assert DataConfig(num_workers=3).workers == 3
     with pytest.raises(ConfigError, match="data.num_workers must be auto or an integer >= 0"):
         DataConfig(num_workers="many")
+
+
+def test_pre_resized_shards_store_upright_images_at_the_shorter_side(tmp_path: Path) -> None:
+    """make_shards --resize S: every stored image has its shorter side S (never enlarged), upright: a photo stored
+    sideways with an EXIF orientation tag comes out as the viewer shows it; the manifest says the size."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    photos = write_photo_folder(tmp_path / "photos", train=2, val=1, size=(50, 38))
+    sideways = Image.new("RGB", (38, 50))  # portrait pixels, stored as a camera does: rotated, with the tag
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to view
+    first = sorted((photos / "train").rglob("*.jpg"))[0]
+    sideways.save(first, exif=exif.tobytes())
+    manifest = make_shards(photos, tmp_path / "shards", per_shard=4, resize=20)
+    assert manifest["resized"] == 20
+    sizes = {}
+    for shard in sorted((tmp_path / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".jpg"):
+                    with Image.open(io.BytesIO(tar.extractfile(member).read())) as image:
+                        sizes[member.name] = image.size
+                        assert 0x0112 not in image.getexif() or image.getexif()[0x0112] == 1
+    assert all(min(size) == 20 for size in sizes.values()) and len(sizes) == 3 * 3
+    assert sorted(set(sizes.values())) == [(26, 20)]  # 50x38 -> 26x20; the sideways 38x50 upright: 50x38 -> 26x20
