@@ -9,7 +9,6 @@ own results.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -24,7 +23,7 @@ from vitrain.config import CONFIG_DIR, EvaluateConfig, to_config
 from vitrain.data import build_datasets, cpu_eval_loader
 from vitrain.data.config import DataConfig
 from vitrain.errors import ConfigError
-from vitrain.inference import data_label, load_trained, refuse_other_data
+from vitrain.inference import data_as_trained, data_label, load_trained, refuse_other_data
 from vitrain.metrics import score
 
 log = logging.getLogger(__name__)
@@ -60,10 +59,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig | None = None, 
         output = checkpoint.with_name(f"eval_{name}.json")
         refuse_other_data(output, source)
     output = Path(output)
-    data = dataclasses.replace(data, mean=pre["mean"], std=pre["std"], interpolation=pre["interpolation"],
-                               crop_pct=pre.get("crop_pct", 1.0),  # 0.1.0's checkpoints: no crop, as they ran
-                               crop_mode=pre.get("crop_mode", "center"),  # before crop_mode was recorded: center
-                               cache=False, decode="cpu")  # the images are read one by one (cpu_eval_loader)
+    data = data_as_trained(data, pre)
     splits = build_datasets(data, pre["img_size"])
     if splits.class_names != trained.class_names:
         raise ConfigError(f"the data's classes {splits.class_names[:5]}... differ from the checkpoint's "

@@ -11,6 +11,7 @@ writing: on random inputs of another batch size than the one traced, their logit
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,8 +91,9 @@ def default_output(checkpoint: Path, format: str) -> Path:
 
 def export_metadata(trained: TrainedModel, weights: str) -> dict[str, str]:
     """What every exported file carries, as strings: the model spec, the preprocessing (size, mean, std,
-    interpolation, crop), the class names, which weights, and vitrain's version."""
-    return {"model_spec": json.dumps(trained.spec), "preprocess": json.dumps(trained.preprocess),
+    interpolation, crop_pct, crop_mode: :func:`export_preprocess`), the class names, which weights, and vitrain's
+    version."""
+    return {"model_spec": json.dumps(trained.spec), "preprocess": json.dumps(export_preprocess(trained)),
             "class_names": json.dumps(trained.class_names), "weights": weights, "vitrain_version": __version__}
 
 
@@ -99,6 +101,23 @@ def example_input(trained: TrainedModel, batch: int) -> torch.Tensor:
     """A fixed batch of normalized-looking random images at the checkpoint's input size."""
     size = trained.preprocess["img_size"]
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+
+
+def export_preprocess(trained: TrainedModel) -> dict[str, Any]:
+    """The checkpoint's preprocessing with the crop written out, so an exported file says it on its own: a
+    checkpoint without ``crop_pct`` (0.1.0's) ran no crop, one without ``crop_mode`` a center crop."""
+    return {"crop_pct": 1.0, "crop_mode": "center", **trained.preprocess}
+
+
+def input_description(pre: dict[str, Any]) -> str:
+    """The eval transform of ``pre`` (:func:`export_preprocess`) in words, for a model card."""
+    size, side = pre["img_size"], math.floor(pre["img_size"] / pre["crop_pct"])
+    resize = {"center": f"the shorter side resized to {side}",
+              "squash": f"resized to {side}x{side} (the aspect ratio not kept)",
+              "border": f"the longer side resized to {side}, padded with the mean colour"}[pre["crop_mode"]]
+    return (f"{size}x{size} RGB: {resize} with {pre['interpolation']} interpolation and center-cropped to {size} "
+            f"(crop_mode {pre['crop_mode']}, crop_pct {pre['crop_pct']}), normalized with mean {pre['mean']} and "
+            f"std {pre['std']}")
 
 
 Run = Callable[[torch.Tensor], torch.Tensor]  # the exported model, called on a batch: (B, C, H, W) -> logits
@@ -160,10 +179,10 @@ def export_timm(model: nn.Module, trained: TrainedModel, path: Path, metadata: d
     from timm.models import save_for_hf
 
     twin = timm_twin(model, trained.spec)
-    pre = trained.preprocess
+    pre = export_preprocess(trained)
     data_config = {"input_size": (3, pre["img_size"], pre["img_size"]), "mean": tuple(pre["mean"]),
-                   "std": tuple(pre["std"]), "interpolation": pre["interpolation"],
-                   "crop_pct": pre.get("crop_pct", 1.0)}  # 0.1.0's checkpoints: no crop, as their transform
+                   "std": tuple(pre["std"]), "interpolation": pre["interpolation"], "crop_pct": pre["crop_pct"],
+                   "crop_mode": pre["crop_mode"]}
     save_for_hf(twin, str(path), model_config={"label_names": trained.class_names}, safe_serialization=True,
                 data_config=data_config)
     config = json.loads((path / "config.json").read_text())
@@ -217,7 +236,7 @@ def _side(size: tuple[int, int]) -> int | list[int]:
 
 def model_card(config: dict[str, Any], trained: TrainedModel, weights: str, path: Path) -> str:
     """The folder's README.md: timm's front matter, what the model is, and how to load and run it."""
-    pre, names = trained.preprocess, trained.class_names
+    pre, names = export_preprocess(trained), trained.class_names
     data = trained.data.name if trained.data is not None else "unknown"
     shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
     return f"""---
@@ -235,8 +254,7 @@ An image classifier trained with vitrain {__version__}: vitrain's
 trained on `{data}`; {"the EMA weights" if weights == "ema" else "the raw weights (no EMA)"}.
 
 - **Classes ({len(names)}):** {shown}
-- **Input:** {pre['img_size']}x{pre['img_size']} RGB, resized with {pre['interpolation']} interpolation and
-  center-cropped (crop_pct {pre.get('crop_pct', 1.0)}), normalized with mean {pre['mean']} and std {pre['std']}
+- **Input:** {input_description(pre)}
 
 ## Usage
 

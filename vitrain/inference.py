@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,14 @@ def eval_transform(preprocess: dict[str, Any]) -> v2.Compose:
     return build_transforms(preprocess["img_size"], preprocess["mean"], preprocess["std"], train=False,
                             interpolation=preprocess["interpolation"], crop_pct=preprocess.get("crop_pct", 1.0),
                             crop_mode=preprocess.get("crop_mode", "center"))
+
+
+def data_as_trained(data: DataConfig, preprocess: dict[str, Any]) -> DataConfig:
+    """``data`` preprocessed as a checkpoint's ``preprocess`` says (:func:`eval_transform`'s normalization, resize
+    and crop, whatever the data group says), read one image at a time: no cache, no device decoding."""
+    return replace(data, mean=preprocess["mean"], std=preprocess["std"], interpolation=preprocess["interpolation"],
+                   crop_pct=preprocess.get("crop_pct", 1.0), crop_mode=preprocess.get("crop_mode", "center"),
+                   cache=False, decode="cpu")
 
 
 def load_trained(checkpoint: str | Path, device: str | torch.device = "auto",

@@ -1,6 +1,6 @@
 """``python -m vitrain.predict checkpoint=PATH inputs=<image or folder>``: top-k classes of images.
 
-The preprocessing is the evaluation transform saved with the checkpoint (resize, center crop,
+The preprocessing is the evaluation transform saved with the checkpoint (resize and crop of its crop_mode,
 normalisation), and the labels are the class names stored in it. ``checkpoint`` may also be an ONNX file
 from ``python -m vitrain.export format=onnx``: onnxruntime runs it, preprocessed as its metadata says. Each image is
 turned upright as its EXIF orientation says, as in training. The JSON goes where ``output`` says, or to

@@ -22,12 +22,13 @@ from vitrain.data.config import DATASETS, DataConfig
 from vitrain.data.datasets import DataSplits, keep_classes, load_cifar, load_digits, load_imagefolder
 from vitrain.data.gpu import gpu_eval_loader, gpu_loaders, resolve_pipeline
 from vitrain.data.samplers import EpochSampler, ShardedEpochSampler, ShardSampler, build_samplers, eval_sampler
+from vitrain.data.shard_index import Index
 from vitrain.data.shards import ShardLoader, ShardStream, open_shards
 from vitrain.data.sources import count_skipped, load_filelist, load_hf
 from vitrain.data.transforms import build_transforms
 from vitrain.distributed import World
 from vitrain.errors import ConfigError, DataError
-from vitrain.runtime import ignore_stop_signals
+from vitrain.runtime import loader_workers
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,10 @@ def _shard_splits(cfg: DataConfig, img_size: int) -> DataSplits:
                           f"its default (write shards of the subset you want)")
     if not cfg.val_shards:
         raise ConfigError("data=webdataset needs validation shards: set data.val_shards=...")
-    train = open_shards(cfg.shards, True, cfg.shuffle_buffer, cfg.skip_corrupt, cfg.epoch_size, cfg.max_image_pixels)
-    val = open_shards(cfg.val_shards, False, 0, cfg.skip_corrupt, max_pixels=cfg.max_image_pixels)
+    index = Index(cfg.manifest, dict(cfg.storage_options), cfg.retry_seconds)
+    train = open_shards(cfg.shards, True, cfg.shuffle_buffer, cfg.skip_corrupt, cfg.epoch_size, cfg.max_image_pixels,
+                        index)
+    val = open_shards(cfg.val_shards, False, 0, cfg.skip_corrupt, max_pixels=cfg.max_image_pixels, index=index)
     if val.classes != train.classes:
         raise DataError(f"the train and val shards list different classes ({train.classes[:5]}... vs "
                         f"{val.classes[:5]}...); give both the same classes.txt")
@@ -180,7 +183,7 @@ def cpu_loaders(
     generator, so making an iterator leaves the global RNG alone; the workers' augmentation seeds
     differ between ranks. ``repeats``: repeated augmentation (:class:`EpochSampler`)."""
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                  persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
+                  persistent_workers=num_workers > 0, **loader_workers(num_workers))
     train_sampler, _ = build_samplers(splits, batch_size, seed, drop_last, rank, world_size, repeats)
     train = DataLoader(splits.train, sampler=train_sampler, generator=torch.Generator().manual_seed(seed + rank),
                        drop_last=drop_last, **common)
@@ -197,7 +200,7 @@ def cpu_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, pin
         return ShardLoader(dataset, batch_size, num_workers, seed, rank, world_size, pin_memory=pin_memory)
     return DataLoader(dataset, batch_size=batch_size, sampler=eval_sampler(len(dataset), rank, world_size),
                       shuffle=False, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                      generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals)
+                      generator=torch.Generator().manual_seed(seed), **loader_workers(num_workers))
 
 
 def build_loaders(splits: DataSplits, cfg: DataConfig, img_size: int, device: torch.device, seed: int,

@@ -3,7 +3,11 @@ from it with batched augmentation on the device, the path that in-memory data se
 
 The cache holds each image's central square at side S = floor(img_size / crop_pct) (256 for 224 at
 crop_pct 0.875): turn it upright (its EXIF orientation), resize the shorter side to S, center crop S x S, as the
-evaluation transform does before its last crop. Random-resized crops are drawn from that square. The file is a
+evaluation transform of ``data.crop_mode=center`` does before its last crop. Random-resized crops are drawn from
+that square. ``squash`` and ``border`` evaluate on the whole image, which a centre square has lost; storing the
+eval split another way would take a second cache of the folder that train and val share under data.val_fraction,
+so, simplest and still correct, :class:`~vitrain.data.config.DataConfig` refuses them with ``data.cache=true`` (as
+set, or the weights' own once resolved) in one line, before any data is read. The file is a
 ``.npy`` array (N, S, S, 3) that ``numpy.load(..., mmap_mode="r")`` opens; the loader reads each batch's rows
 from it by offset, so the operating system's page cache holds the data, not the training process. Beside it, a
 manifest of the file list (path, size, modification time, label): a changed folder gets a new cache, never a stale

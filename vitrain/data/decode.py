@@ -2,8 +2,8 @@
 
 Loader workers only read the files' bytes; the main process decodes each batch at once with
 TorchCodec's ``decode_jpeg(..., device="cuda")`` (nvJPEG; torchvision.io's, deprecated since torchvision 0.29,
-when TorchCodec is not installed), crops every image on the device (the
-random-resized crop's box from torchvision's draws; the evaluation resize and center crop), and runs the
+when TorchCodec is not installed), crops every image on the device (the random-resized crop's box from
+torchvision's draws; the evaluation resize and crop of ``data.crop_mode``, each image on its own), and runs the
 rest of the augmentation on the whole batch (:class:`~vitrain.data.gpu.GpuAugment`). Files that are not
 JPEGs are decoded on the CPU by PIL. Without CUDA the same code decodes on the CPU, in the main process:
 correct, but slower than ``data.decode=cpu``, which stays the default.
@@ -33,7 +33,7 @@ from vitrain.data.samplers import build_samplers, eval_sampler
 from vitrain.data.sources import upright
 from vitrain.distributed import World
 from vitrain.errors import DataError
-from vitrain.runtime import ignore_stop_signals
+from vitrain.runtime import loader_workers
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class DecodingLoader:
         self.batch_size, self.sampler, self.drop_last = batch_size, sampler, drop_last
         self.loader = DataLoader(self.files, batch_size, sampler=sampler, num_workers=num_workers,
                                  drop_last=drop_last, collate_fn=_as_lists, persistent_workers=num_workers > 0,
-                                 worker_init_fn=ignore_stop_signals,
+                                 **loader_workers(num_workers),
                                  generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:

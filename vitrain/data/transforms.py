@@ -12,14 +12,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from timm.data import transforms as timm_transforms
+from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import ResizeKeepRatio, str_to_pil_interp
 from torchvision.transforms import InterpolationMode, v2
 
 from vitrain.errors import ConfigError
-
 
 CROP_MODES = ("center", "squash", "border")  # timm's eval crops (transforms_imagenet_eval)
 
