@@ -9,6 +9,7 @@ vitrain 0.1.0 hold the resolved config instead; :func:`upgrade` derives the same
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -21,6 +22,8 @@ from typing import Any
 import torch
 
 from vitrain.errors import ConfigError, VitrainError, first_line
+
+log = logging.getLogger(__name__)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -158,6 +161,7 @@ def remove_partial_saves(folder: Path) -> list[Path]:
             continue
         path.unlink(missing_ok=True)
         leftovers.append(path)
+        log.warning("removed %s, left by a save that was killed mid-write", path)
     return leftovers
 
 

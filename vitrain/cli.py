@@ -43,6 +43,16 @@ def run_command(main: Callable[[], T], debug: bool = False,
         fail(error_message(e), rank)
 
 
+def resume_command(run_dir: str | Path) -> str:
+    """The command that continues the Hydra run of this process in ``run_dir`` (its overrides, the launcher)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from vitrain.distributed import launcher
+
+    overrides = " ".join(o for o in HydraConfig.get().overrides.task if not o.startswith("trainer.resume="))
+    return f"{launcher()} -m vitrain.train {overrides} hydra.run.dir={run_dir} trainer.resume=auto"
+
+
 def error_message(error: Exception) -> str:
     """The one line shown for ``error``."""
     if isinstance(error, MissingMandatoryValue):

@@ -18,6 +18,7 @@ import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from vitrain.errors import VitrainError
 
@@ -148,3 +149,13 @@ def _remove_empty(folder: Path) -> bool:
         return True
     except OSError:  # not empty: another run's folder is in it
         return False
+
+
+def write_resolved_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """The config a run trains with, every ``auto``/null value resolved (input size, preprocessing, the teacher's
+    inputs), as ``<run>/config.yaml``: ``.hydra/config.yaml`` keeps the config as composed."""
+    from omegaconf import OmegaConf
+
+    header = ("# The config this run trains with: every auto (null) value resolved, from the starting weights or the\n"
+              "# data set. .hydra/config.yaml holds it as composed, and .hydra/overrides.yaml the command line.\n")
+    (Path(run_dir) / RESOLVED_CONFIG).write_text(header + OmegaConf.to_yaml(OmegaConf.create(config)))

@@ -19,18 +19,11 @@ from omegaconf import DictConfig
 from vitrain import runfolder
 from vitrain.build import build_trainer
 from vitrain.checkpoint import remove_partial_saves
-from vitrain.cli import check_group_choice, check_override_keys, run_command
+from vitrain.cli import check_group_choice, check_override_keys, resume_command, run_command
 from vitrain.config import CONFIG_DIR, TrainConfig, ensure_writable, to_config
-from vitrain.data.remote import NetworkError
-from vitrain.distributed import (
-    World,
-    barrier,
-    close_distributed,
-    init_distributed,
-    launcher,
-    torchrun_world,
-)
-from vitrain.errors import Preempted, first_line
+from vitrain.data.remote import NetworkError, network_stop
+from vitrain.distributed import World, barrier, close_distributed, init_distributed, torchrun_world
+from vitrain.errors import Preempted
 from vitrain.pruning import PRUNED
 from vitrain.runtime import seed_everything
 
@@ -49,12 +42,11 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, Any]:
 def _train(cfg: TrainConfig, run_dir: Path, world: World, device: torch.device) -> dict[str, Any]:
     if world.is_main:
         ensure_writable(run_dir / "checkpoints", "hydra.run.dir")
-        for leftover in remove_partial_saves(run_dir / "checkpoints"):
-            log.warning("removed %s, left by a save that was killed mid-write", leftover)
+        remove_partial_saves(run_dir / "checkpoints")  # left by a save that was killed mid-write (logged)
     seed_everything(cfg.seed)
     trainer, splits = build_trainer(cfg, run_dir, world, device)
     if world.is_main:
-        write_resolved_config(run_dir / runfolder.RESOLVED_CONFIG, trainer.metadata["config"])
+        runfolder.write_resolved_config(run_dir, trainer.metadata["config"])
     trainer.resume(cfg.trainer.resume, cfg.data.batch_size * world.size)
     log.info("training on %s%s for %d epochs; writing to %s", trainer.device,
              f" x {world.size} processes" if world.size > 1 else "", cfg.trainer.epochs, run_dir)
@@ -75,25 +67,6 @@ def _train(cfg: TrainConfig, run_dir: Path, world: World, device: torch.device) 
     return metrics
 
 
-def write_resolved_config(path: Path, config: dict[str, Any]) -> None:
-    """The config this run trains with, every ``auto``/null value resolved (input size, preprocessing, the
-    teacher's inputs), as YAML in the run folder: ``.hydra/config.yaml`` keeps the config as composed."""
-    from omegaconf import OmegaConf
-
-    header = ("# The config this run trains with: every auto (null) value resolved, from the starting weights or the\n"
-              "# data set. .hydra/config.yaml holds it as composed, and .hydra/overrides.yaml the command line.\n")
-    path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(config)))
-
-
-def network_stop(error: NetworkError, run_dir: Path, resume: str) -> str:
-    """The one line for a run stopped by an unreachable data server: the cause, the checkpoint that is kept (or
-    none yet), and the command that goes on from it once the server answers again."""
-    last = run_dir / "checkpoints" / "last.pt"
-    kept = f"{last} is kept; once the server answers, resume with: {resume}" if last.is_file() else \
-        "no checkpoint was written yet; run the command again once the server answers"
-    return f"{first_line(error, 1000)}; it is the network, not the shard (data.skip_corrupt does not apply): {kept}"
-
-
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def hydra_main(cfg: DictConfig) -> float | str:
     """The Hydra app; returns the final top-1 so that sweepers can optimise it. Exit codes: 1 for a user
@@ -101,19 +74,15 @@ def hydra_main(cfg: DictConfig) -> float | str:
     the command that resumes is printed)."""
     run_dir = HydraConfig.get().runtime.output_dir
 
-    def resume_command() -> str:
-        overrides = " ".join(o for o in HydraConfig.get().overrides.task if not o.startswith("trainer.resume="))
-        return f"{launcher()} -m vitrain.train {overrides} hydra.run.dir={run_dir} trainer.resume=auto"
-
     def resume_hint(e: Preempted) -> None:
         if torchrun_world().rank == 0:
-            print(f"{e}\nresume with: {resume_command()}", file=sys.stderr)
+            print(f"{e}\nresume with: {resume_command(run_dir)}", file=sys.stderr)
 
     def run() -> float | str:
         try:
             metrics = train(cfg, run_dir)
         except NetworkError as e:  # the data's server, not the data: what is kept, and how to go on
-            raise NetworkError(network_stop(e, Path(run_dir), resume_command())) from e
+            raise NetworkError(network_stop(e, Path(run_dir), resume_command(run_dir))) from e
         top1 = PRUNED if metrics["state"] == "pruned" else metrics["final_top1"]  # what the sweeper records
         barrier()  # every rank done before any leaves the group: gloo aborts a rank whose peer is already gone
         return top1

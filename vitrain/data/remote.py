@@ -53,6 +53,15 @@ class CommandFailed(OSError):
         self.command, self.code = command, code
 
 
+def network_stop(error: NetworkError, run_dir: Path, resume: str) -> str:
+    """The one line for a run stopped by an unreachable data server: the cause, the run's ``last.pt`` that is
+    kept (or none yet), and the command ``resume`` that goes on from it once the server answers again."""
+    last = run_dir / "checkpoints" / "last.pt"
+    kept = f"{last} is kept; once the server answers, resume with: {resume}" if last.is_file() else \
+        "no checkpoint was written yet; run the command again once the server answers"
+    return f"{first_line(error, 1000)}; it is the network, not the shard (data.skip_corrupt does not apply): {kept}"
+
+
 def scheme(url: str) -> str:
     """The scheme of a shard URL (``file`` for a local path), or a one-line ConfigError naming an unsupported one."""
     if url.startswith("pipe:"):
