@@ -342,6 +342,8 @@ FINETUNE_CIFAR10 = Card(
         Knob("data.interpolation", "bilinear", "input_pipeline.py `tf.image.resize` (default method)"),
         Knob("data.hflip", True, "input_pipeline.py `tf.image.flip_left_right` with probability 0.5"),
         Knob("data.crop_pct", 1.0, "input_pipeline.py eval: `tf.image.resize(im, [image_size, image_size])`"),
+        Knob("data.crop_mode", "squash", "input_pipeline.py eval: `tf.image.resize` to both sides, the aspect not "
+             "kept"),
         Knob("data.mean", [0.5, 0.5, 0.5], "input_pipeline.py `(im - 127.5) / 127.5`"),
         Knob("data.std", [0.5, 0.5, 0.5], "input_pipeline.py `(im - 127.5) / 127.5`"),
         Knob("data.mixup", 0.0, "input_pipeline.py: no mixing"),

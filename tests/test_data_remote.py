@@ -121,18 +121,24 @@ def test_shards_over_http_train_as_local_ones(how: str, server: HttpServer, loca
     assert sum(fetched.values()) == 2 * 4  # each train shard once per epoch (2 epochs): no worker fetches another's
 
 
+def stop_after_epoch_1(args: list[str], run: Path, server: HttpServer, cwd: Path) -> subprocess.Popen:
+    """``python -m vitrain.train`` started into ``run``; the server stopped as soon as epoch 1's last.pt exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "vitrain.train", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    server.stop()
+    return proc
+
+
 def test_a_server_that_goes_away_is_named_in_one_line_and_last_pt_kept(server: HttpServer, tmp_path: Path) -> None:
     """The server killed after epoch 1: retried for data.retry_seconds, then one line (no 'corrupt', no
     skip_corrupt advice) naming the URL, the cause, last.pt and the command that resumes."""
     run = tmp_path / "run"
     args = ["data=webdataset", f"data.shards='{server.url}/{TRAIN}'", f"data.val_shards='{server.url}/val-000000.tar'",
             *ARGS, "data.retry_seconds=3", f"hydra.run.dir={run}"]
-    proc = subprocess.Popen([sys.executable, "-m", "vitrain.train", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    server.stop()
+    proc = stop_after_epoch_1(args, run, server, tmp_path)
     stopped = time.time()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err[-3000:]
@@ -151,12 +157,7 @@ def test_a_server_back_within_the_window_lets_the_run_finish(server: HttpServer,
     run = tmp_path / "run"
     args = ["data=webdataset", f"data.shards='{server.url}/{TRAIN}'", f"data.val_shards='{server.url}/val-000000.tar'",
             *ARGS, "data.retry_seconds=60", f"hydra.run.dir={run}"]
-    proc = subprocess.Popen([sys.executable, "-m", "vitrain.train", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    server.stop()
+    proc = stop_after_epoch_1(args, run, server, tmp_path)
     time.sleep(2)
     server.start()
     _, err = proc.communicate(timeout=180)

@@ -256,11 +256,8 @@ def slurm_env(rank: int, job: int = 4242) -> dict[str, str]:
 def test_slurm_variables_become_torchruns(monkeypatch: pytest.MonkeyPatch) -> None:
     from vitrain.distributed import first_host, launcher, torchrun_world
 
-    for key, value in slurm_env(1, job=123456).items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[007-009,012],cpu1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+    # a copy of the environment for this test: what slurm_to_torchrun sets must not reach the tests after it
+    monkeypatch.setattr(os, "environ", {**slurm_env(1, job=123456), "SLURM_JOB_NODELIST": "gpu[007-009,012],cpu1"})
     assert torchrun_world() == World(rank=1, local_rank=1, size=2)
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], os.environ["LOCAL_WORLD_SIZE"]) == (
         "gpu007", str(15000 + 123456 % 20000), "2")
@@ -272,12 +269,10 @@ def test_a_batch_script_or_salloc_shell_is_one_process(monkeypatch: pytest.Monke
     """SLURM_PROCID without a job step (the batch script itself, an salloc shell): plain python is rank 0 of 1."""
     from vitrain.distributed import torchrun_world
 
-    for key, value in slurm_env(0).items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("SLURM_STEP_ID")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
-    assert torchrun_world() == World(0, 0, 1)
+    env = slurm_env(0)
+    del env["SLURM_STEP_ID"]
+    monkeypatch.setattr(os, "environ", env)
+    assert torchrun_world() == World(0, 0, 1) and "RANK" not in os.environ
 
 
 @pytest.mark.slow

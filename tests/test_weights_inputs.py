@@ -180,3 +180,29 @@ def test_torchvision_vit_weights_load_resampled_at_another_size(monkeypatch: pyt
     want = interpolate_embeddings(224, 16, dict(state))["encoder.pos_embedding"]
     assert torch.equal(model.encoder.pos_embedding.detach(), want)
     assert torch.equal(model.conv_proj.weight.detach(), state["conv_proj.weight"])
+
+
+@pytest.mark.slow
+def test_a_384_run_from_the_local_cache_trains_at_384(tmp_path: Path) -> None:
+    """The whole command, offline (HF_HUB_OFFLINE=1, a local cache of random weights): the run trains at 384, its
+    checkpoint keeps the released 577-position embedding's shape, and the log and config.yaml say why."""
+    import subprocess
+    import sys
+
+    from vitrain.checkpoint import load_checkpoint
+
+    cache = tmp_path / "hub"
+    write_hub_cache(cache, VIT_384)
+    run = tmp_path / "run"
+    env = {**{k: v for k, v in __import__("os").environ.items() if k != "HF_ENDPOINT"}, "HF_HUB_CACHE": str(cache),
+           "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "vitrain.train", "model=timm", f"model.name={VIT_384}",
+                           "model.pretrained=true", "trainer.epochs=1", "scheduler.warmup_epochs=0",
+                           "data.train_fraction=0.02", "data.test_fraction=0.05", "data.batch_size=16",
+                           "trainer.progress=false", "logger=[]", f"hydra.run.dir={run}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert saved["model"]["pos_embed"].shape == (1, 577, 192) and saved["preprocess"]["img_size"] == 384
+    assert "model.img_size=384 (the starting weights' own)" in (run / "train.log").read_text()
+    assert "img_size: 384" in (run / "config.yaml").read_text()
