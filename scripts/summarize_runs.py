@@ -173,14 +173,14 @@ def summarize(sweep_dir: Path, metric: str = "final_top1", markdown: bool = Fals
     if common and len(runs) > 1:
         parts.append("in every run: " + " ".join(f"{k}={v}" for k, v in common.items()))
     parts.append(render(*table(runs, metric, keys), markdown=markdown))
-    unfinished = [r.name for r in runs if r.metrics is None]
-    if unfinished:
-        parts.append(f"{len(unfinished)} of {len(runs)} runs have no metrics.json (failed or unfinished): "
-                     + ", ".join(unfinished))
-    pruned = [r.name for r in runs if (r.metrics or {}).get("state") == "pruned"]
-    if pruned:
-        parts.append(f"{len(pruned)} of {len(runs)} runs were pruned (stopped early by the search's pruner): "
-                     + ", ".join(pruned))
+    in_order = sorted(runs, key=lambda r: natural_key(r.name))  # the lists below name runs in their own order
+    for state, what in ((None, "have no metrics.json (failed or unfinished)"),
+                        ("preempted", "were stopped by a signal (preempted; trainer.resume=auto continues them)"),
+                        ("pruned", "were pruned (stopped early by the search's pruner)")):
+        named = [r.name for r in in_order if (r.metrics is None if state is None else
+                                               (r.metrics or {}).get("state") == state)]
+        if named:
+            parts.append(f"{len(named)} of {len(runs)} runs {what}: " + ", ".join(named))
     parts.extend(optuna_report(sweep_dir))
     return "\n\n".join(parts)
 

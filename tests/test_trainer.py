@@ -22,7 +22,7 @@ SMOKE = ["trainer.epochs=1", "data.batch_size=720", "trainer.progress=false"]  #
 
 
 def test_two_step_smoke_run_writes_logs_checkpoints_metrics(tmp_path: Path) -> None:
-    cfg = compose(SMOKE)
+    cfg = to_config(compose(SMOKE))  # model.img_size resolved (null in the YAML: the model's own 16)
     metrics = train(cfg, tmp_path)
     assert metrics["steps"] == 2 and metrics["epochs"] == 1
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -93,7 +93,7 @@ def test_two_head_outputs_train_both_heads() -> None:
 ])
 def test_model_families_train_and_their_checkpoints_reload(tmp_path: Path, overrides: list[str]) -> None:
     """Two steps on digits, then best.pt goes back through create_model(checkpoint=...) and scores the same."""
-    cfg = compose([*SMOKE, *overrides])
+    cfg = to_config(compose([*SMOKE, *overrides]))
     metrics = train(cfg, tmp_path)
     m = cfg.model
     extra = {"window_size": m.window_size} if m.window_size is not None else {}

@@ -34,6 +34,7 @@ from vitrain.loggers import LoggerConfig
 from vitrain.losses import LossConfig
 from vitrain.models.config import ModelConfig
 from vitrain.optim import OptimizerConfig, SchedulerConfig
+from vitrain.parallel import refuse_with_fsdp
 from vitrain.pruning import SweepConfig
 from vitrain.trainer import TrainerConfig
 
@@ -77,6 +78,8 @@ class TrainConfig:
         if self.model.lora.rank > 0 and self.trainer.freeze_backbone:  # it would freeze the adapters too
             raise ConfigError("model.lora.rank > 0 trains only the adapters and the head already; "
                               "set trainer.freeze_backbone=false")
+        refuse_with_fsdp(self.trainer.strategy, self.trainer.compile, self.model.lora.rank > 0,
+                         self.trainer.unfreeze_after_epochs is not None)
         resume = self.trainer.resume
         if resume and resume != "auto" and not Path(resume).is_file():  # find_resume_checkpoint's check, before data
             raise ConfigError(f"trainer.resume={resume}: no such file; give a last.pt, or trainer.resume=auto")

@@ -21,13 +21,16 @@ def score(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     memory_format: torch.memory_format = torch.contiguous_format,
+    lockstep: bool = False,
 ) -> dict[str, Any]:
     """Mean cross-entropy, top-1 and top-5 accuracy (percent), per-class accuracy, the confusion matrix
     (rows: true class, columns: predicted) and images per second of the whole loop, for ``model`` in eval
     mode. Everything is summed on the device (one host sync at the end); under torchrun each rank scores
     its own images (none twice) and the sums are added over the ranks, so the result is exact for the
-    whole set."""
+    whole set. ``lockstep`` (a sharded model, whose every forward is a collective): a rank with fewer batches runs
+    its last one again, unscored, until every rank has run as many forwards."""
     model.eval()
+    batches = distributed.any_rank(len(loader)) if lockstep else 0
     loss_sum = torch.zeros((), device=device)
     top5 = torch.zeros((), device=device, dtype=torch.long)
     confusion: torch.Tensor | None = None
@@ -44,6 +47,10 @@ def score(
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         top5 += (logits.topk(min(5, classes), dim=1).indices == labels[:, None]).any(dim=1).sum()
         confusion += torch.bincount(labels * classes + logits.argmax(1), minlength=classes * classes)
+        batches -= 1
+    for _ in range(max(0, batches)):  # lockstep: the other ranks' last forwards
+        with autocast():
+            model(images)
     if confusion is None:
         raise ValueError("score() needs a loader with at least one batch")
     counts = distributed.all_reduce_sum(torch.cat([confusion, top5[None]])).cpu()
@@ -88,6 +95,11 @@ class LossWindow:
 
 def gradient_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
     """The global L2 norm of the parameters' gradients, as ``clip_grad_norm_`` measures it (the norm of the
-    per-tensor norms), without touching them."""
-    norms = [torch.linalg.vector_norm(p.grad.detach()) for p in parameters if p.grad is not None]
+    per-tensor norms), without touching them; over all shards of sharded (DTensor) gradients."""
+    norms = [full_tensor(torch.linalg.vector_norm(p.grad.detach())) for p in parameters if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: a DTensor (FSDP2's sharded parameters, gradients and norms of them) gathered whole."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

@@ -1,5 +1,7 @@
 """What a training run saves and how it continues: :class:`TrainState` (where training stands) and the
 :class:`~vitrain.trainer.Trainer`'s checkpoint methods (what ``last.pt`` and ``best.pt`` hold, and loading them back).
+Weights and optimizer states are saved whole whatever the strategy (:mod:`vitrain.parallel`: gathered from FSDP2's
+shards on every rank), so a checkpoint continues on any number of ranks.
 The files themselves (atomic writes, the pair's order, weights-only loads) are :mod:`vitrain.checkpoint`'s."""
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from vitrain.checkpoint import (
     rng_state,
     write_checkpoints,
 )
+from vitrain.parallel import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +53,12 @@ class SavesState:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: weights, optimizer, schedule, scaler, EMA, the
         :class:`TrainState` and the random generators, with the metadata."""
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        state = {"model": full_model_state(self.model), "optimizer": full_optimizer_state(self.model, self.optimizer),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  **dataclasses.asdict(self.state), "rng": rng_state(), "vitrain_version": __version__,
                  "logger": self.logger.state_dict(), **self.metadata}
         if self.ema is not None:
-            state["model_ema"] = self.ema.module.state_dict()
+            state["model_ema"] = full_model_state(self.ema.module)
         return state
 
     def resume(self, resume: str | None, global_batch: int) -> None:
@@ -71,12 +74,12 @@ class SavesState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint written by :meth:`state_dict`."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_full_model_state(self.model, state["model"])
+        load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and "model_ema" in state:
-            self.ema.module.load_state_dict(state["model_ema"])
+            load_full_model_state(self.ema.module, state["model_ema"])
         known = {f.name for f in dataclasses.fields(TrainState)}
         self.state = TrainState(**{k: v for k, v in state.items() if k in known})
         self.state.history = list(self.state.history)
@@ -90,7 +93,8 @@ class SavesState:
         if best:
             self.state.best_top1 = val["top1"]
             if self.loaders.test is not None:  # for the test set at the end, without a file read on every rank
-                self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+                weights = full_model_state(self.model)
+                self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
         state = self.state_dict()
         if distributed.world_size() > 1:  # each rank's generators, for an exact resume on as many ranks
             state["rng_ranks"] = distributed.gather_objects(state["rng"])

@@ -28,6 +28,20 @@ def loader_workers(num_workers: int) -> dict[str, Any]:
     return {"worker_init_fn": ignore_stop_signals, "multiprocessing_context": worker_context()}
 
 
+def close_workers(*loaders: Any) -> None:
+    """Stop the persistent workers of ``loaders`` (DataLoaders, or vitrain's loaders around one: ``.loader``) now.
+    Left to the garbage collector, a loader's iterator is shut down from inside a reference cycle whose queues
+    are already torn down: its workers never hear the stop and are killed after 5 s each."""
+    for loader in loaders:
+        inner = getattr(loader, "loader", None)
+        if inner is not None and inner is not loader:
+            close_workers(inner)
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None
+
+
 def worker_context() -> multiprocessing.context.BaseContext:
     """The default multiprocessing context, whose processes start with the stop signals blocked: they inherit the
     mask, so a signal to the process group that arrives while a worker starts (before its ``worker_init_fn``

@@ -25,7 +25,7 @@ from vitrain.data.remote import NetworkError, network_stop
 from vitrain.distributed import World, barrier, close_distributed, init_distributed, torchrun_world
 from vitrain.errors import Preempted
 from vitrain.pruning import PRUNED
-from vitrain.runtime import seed_everything
+from vitrain.runtime import close_workers, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,10 @@ def _train(cfg: TrainConfig, run_dir: Path, world: World, device: torch.device) 
     trainer.resume(cfg.trainer.resume, cfg.data.batch_size * world.size)
     log.info("training on %s%s for %d epochs; writing to %s", trainer.device,
              f" x {world.size} processes" if world.size > 1 else "", cfg.trainer.epochs, run_dir)
-    metrics = trainer.fit()
+    try:
+        metrics = trainer.fit()
+    finally:  # now, not at garbage collection (which waits 5 s for each worker)
+        close_workers(trainer.loaders.train, trainer.loaders.val, trainer.loaders.test)
     if cfg.model.lora.rank > 0 and world.is_main:  # the final adapters and head, in peft's format
         from vitrain.lora import save_adapters
 

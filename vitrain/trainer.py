@@ -10,13 +10,12 @@ config group; the guards (NaN/inf, stop signals) are in :mod:`vitrain.guards`, w
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import signal
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,12 +26,13 @@ from tqdm import tqdm
 
 from vitrain import distributed
 from vitrain.checkpoint import set_rng_state, write_text
-from vitrain.distributed import BACKENDS, resolve_device
+from vitrain.distributed import resolve_device
 from vitrain.errors import ConfigError, Preempted
 from vitrain.guards import NonFiniteGuard, StopSignals
 from vitrain.loggers import Logger
-from vitrain.metrics import LossWindow, gradient_norm, score
+from vitrain.metrics import LossWindow, full_tensor, gradient_norm, score
 from vitrain.optim import set_backbone_trainable
+from vitrain.parallel import FsdpConfig, check_strategy, parallelize, uses_fsdp, weights_of
 from vitrain.pruning import NoPruning
 from vitrain.run_state import SavesState, TrainState
 from vitrain.runtime import PRECISIONS, autocast_dtype, use_channels_last
@@ -50,6 +50,9 @@ class TrainerConfig:
     epochs: int = 50  # passes over the training set
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N; under torchrun, auto/cuda: cuda:LOCAL_RANK
     dist_backend: str = "auto"  # under torchrun: auto (nccl on CUDA, gloo on the CPU) | nccl | gloo
+    strategy: str = "auto"  # under torchrun/srun: auto = ddp (a whole copy per rank) | fsdp2 (parameters, gradients
+    #   and optimizer states sharded over the ranks: models larger than one GPU; docs/distributed.md)
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)  # strategy=fsdp2: reshard_after_forward, cpu_offload
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the training step's forward and loss
     channels_last: Any = "auto"  # auto (CNN models and teachers on CUDA) | true | false
@@ -77,7 +80,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         for key, least in (("epochs", 1), ("accum_steps", 1), ("log_every", 1), ("keep_last", 1), ("image_grid", 0),
-                           ("histograms_every", 0)):
+                           ("histograms_every", 0), ("feature_views", 1)):
             if getattr(self, key) < least:
                 raise ConfigError(f"trainer.{key} must be {'positive (at least 1)' if least else '>= 0 (0: off)'}, "
                                   f"got {getattr(self, key)}")
@@ -85,9 +88,7 @@ class TrainerConfig:
             raise ConfigError(f"unknown trainer.precision '{self.precision}'; choose auto, fp32, bf16 or fp16")
         if self.channels_last not in ("auto", True, False):
             raise ConfigError(f"trainer.channels_last must be auto, true or false, got {self.channels_last}")
-        if self.dist_backend not in BACKENDS:
-            raise ConfigError(f"unknown trainer.dist_backend '{self.dist_backend}'; "
-                              f"choose one of {', '.join(BACKENDS)}")
+        check_strategy(self.strategy, self.dist_backend, self.precision, bool(self.histograms_every or self.log_images))
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"trainer.grad_clip must be positive (or null to disable), got {self.grad_clip}")
         if not 0 < self.ema_decay < 1:
@@ -95,8 +96,6 @@ class TrainerConfig:
         if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
             raise ConfigError(f"trainer.checkpoint_every_steps must be at least 1 (or null), "
                               f"got {self.checkpoint_every_steps}")
-        if self.feature_views < 1:
-            raise ConfigError(f"trainer.feature_views must be at least 1, got {self.feature_views}")
         if self.cache_features and self.unfreeze_after_epochs is not None:
             raise ConfigError("trainer.cache_features trains the head alone; it cannot unfreeze the backbone "
                               "(set trainer.unfreeze_after_epochs=null, or trainer.cache_features=false)")
@@ -140,9 +139,11 @@ class Trainer(SavesState):
         if config.freeze_backbone:
             set_backbone_trainable(self.model, False)
         self.criterion = criterion.to(self.device)  # a teacher in it runs on every rank, outside DDP
+        self.ema = ModelEmaV3(self.model, decay=config.ema_decay) if config.ema else None  # timm's weight EMA
+        if self.ema is not None and uses_fsdp(config.strategy):  # sharded as the model: updated shard by shard
+            parallelize(self.ema.module, config.strategy, config.fsdp, self.device, self.amp_dtype)
         self._build_train_model()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.ema = ModelEmaV3(self.model, decay=config.ema_decay) if config.ema else None  # timm's weight EMA
         self.run_dir, self.is_main = Path(run_dir), distributed.is_main()
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.logger = logger if logger is not None else default_logger(self.run_dir, self.is_main)
@@ -158,7 +159,9 @@ class Trainer(SavesState):
         """The model of the training step: in DDP under torchrun. trainer.compile: the forward and loss
         compile into one graph (the loss fuses into the last kernels); with a distillation loss, whose
         teacher is timed outside any graph, the student alone."""
-        self.train_model, self.forward_loss = distributed.wrap_ddp(self.model, self.device), self._forward_loss
+        self.train_model = parallelize(self.model, self.config.strategy, self.config.fsdp, self.device, self.amp_dtype,
+                                       self.optimizer)
+        self.forward_loss = self._forward_loss
         if self.config.compile and hasattr(self.criterion, "teacher"):
             self.train_model = torch.compile(self.train_model)
         elif self.config.compile:
@@ -304,8 +307,8 @@ class Trainer(SavesState):
         cfg, s, norm = self.config, self.state, None
         if cfg.grad_clip or (s.step + 1) % cfg.log_every == 0:
             self.scaler.unscale_(self.optimizer)
-            norm = (nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip
-                    else gradient_norm(self.model.parameters()))
+            norm = full_tensor(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip
+                               else gradient_norm(self.model.parameters()))
         if self.run_log.histograms_due(s.epoch) and s.batch_in_epoch == 0:  # the epoch's first step
             self.run_log.histograms(self.model, s.step + 1)
         self.scaler.step(self.optimizer)
@@ -365,7 +368,7 @@ class Trainer(SavesState):
     def evaluate(self, model: nn.Module | None = None) -> dict[str, Any]:
         """:func:`vitrain.metrics.score` of ``model`` (default: the trained one) on the validation set."""
         return score(self.model if model is None else model, self.loaders.val, self.device, self._autocast,
-                     self.memory_format)
+                     self.memory_format, lockstep=uses_fsdp(self.config.strategy))
 
     def test_best(self) -> float:
         """Top-1 on the test set of the weights that scored best on the validation set (best.pt's): the one
@@ -375,10 +378,11 @@ class Trainer(SavesState):
             best = torch.load(self.ckpt_dir / "best.pt", map_location="cpu", weights_only=True)["model"]
         if best is None:
             log.warning("no best weights in memory or in %s: the test set scores the final weights", self.ckpt_dir)
-            return score(self.model, self.loaders.test, self.device, self._autocast, self.memory_format)["top1"]
-        model = copy.deepcopy(self.model)
-        model.load_state_dict(best)
-        top1 = score(model, self.loaders.test, self.device, self._autocast, self.memory_format)["top1"]
+            return score(self.model, self.loaders.test, self.device, self._autocast, self.memory_format,
+                         lockstep=uses_fsdp(self.config.strategy))["top1"]
+        with weights_of(self.model, best) as model:
+            top1 = score(model, self.loaders.test, self.device, self._autocast, self.memory_format,
+                         lockstep=uses_fsdp(self.config.strategy))["top1"]
         log.info("test top-1 %.2f%% (the best validation epoch's weights)", top1)
         return top1
 
