@@ -113,6 +113,7 @@ def test_files_and_functions_are_short() -> None:
                     assert f"{name}.{node.name}" in LONG_FUNCTIONS, f"{name}.{node.name} has {length} lines"
 
 
+@pytest.mark.slow
 def test_the_plain_python_example_trains(tmp_path: Path) -> None:
     """docs/architecture.md's notebook example, run as it stands: it learns the digits without Hydra."""
     import re

@@ -151,6 +151,7 @@ def train_cli(args: list[str], run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_each_new_format_trains_from_the_command_line_and_its_checkpoint_evaluates(photos: Path,
                                                                                    tmp_path: Path) -> None:
     """data=webdataset, data=hf and data=imagefolder data.cache=true: two epochs of the default model on 18

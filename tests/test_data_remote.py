@@ -132,6 +132,7 @@ def stop_after_epoch_1(args: list[str], run: Path, server: HttpServer, cwd: Path
     return proc
 
 
+@pytest.mark.slow
 def test_a_server_that_goes_away_is_named_in_one_line_and_last_pt_kept(server: HttpServer, tmp_path: Path) -> None:
     """The server killed after epoch 1: retried for data.retry_seconds, then one line (no 'corrupt', no
     skip_corrupt advice) naming the URL, the cause, last.pt and the command that resumes."""
@@ -150,6 +151,7 @@ def test_a_server_that_goes_away_is_named_in_one_line_and_last_pt_kept(server: H
     assert "Traceback" not in err and (run / "checkpoints" / "last.pt").is_file()
 
 
+@pytest.mark.slow
 def test_a_server_back_within_the_window_lets_the_run_finish(server: HttpServer, local_run: dict,
                                                              tmp_path: Path) -> None:
     """Killed after epoch 1 and started again 2 s later on the same port: the run goes on at the byte it reached

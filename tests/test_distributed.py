@@ -209,6 +209,7 @@ def worker_pid(parent: int, rank: int) -> int | None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_and_resume_is_exact(tmp_path: Path) -> None:
     """SIGTERM reaches rank 1 only: both ranks stop after the same step, rank 0 writes the checkpoint
     and the resume command; continuing from it ends with the weights of a run that never stopped."""

@@ -74,6 +74,7 @@ def test_cli_evaluate_and_predict(run: tuple[Path, dict], tmp_path: Path) -> Non
     assert len(json.loads((tmp_path / "pr.json").read_text())[0]["top"]) == 5
 
 
+@pytest.mark.slow
 def test_the_commands_write_nothing_into_the_working_folder(run: tuple[Path, dict], tmp_path: Path) -> None:
     """evaluate, predict, visualize and export from an empty folder: no outputs/<entry>/<date>/<time>/, no .hydra/, no
     log file there; their files go beside the checkpoint."""

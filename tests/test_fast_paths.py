@@ -112,6 +112,7 @@ def test_channels_last_cnn_trains_to_the_same_loss(tmp_path: Path) -> None:
     assert losses["channels_last"] == pytest.approx(losses["contiguous"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_training_on_the_device_resident_path_learns_digits(tmp_path: Path) -> None:
     """data.pipeline=gpu runs on the CPU too (the same batched code): 12 epochs (540 steps) reach what a working
     pipeline gives (87.5% measured; >= 80% asked)."""

@@ -61,6 +61,7 @@ def borrow_site_packages(venv: Path) -> None:
         f"import site; list(map(site.addsitedir, {[f for f in folders if Path(f).is_dir()]!r}))\n")
 
 
+@pytest.mark.slow
 def test_installed_wheel_trains_and_explains_itself(wheel: Path, tmp_path: Path) -> None:
     """A fresh venv outside the clone (torch and the rest from the running interpreter's site-packages, a venv's
     or the system's), the wheel installed into it: its own copy of vitrain is imported, ``vitrain-train`` runs an

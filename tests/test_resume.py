@@ -24,6 +24,7 @@ RUN = ["trainer.epochs=4", "trainer.progress=false", "model.drop_path=0.1", "dat
        "data.cutmix=1.0", "trainer.ema=true", "trainer.ema_decay=0.9"]
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_gives_bit_identical_weights(tmp_path: Path, monkeypatch) -> None:
     """176 steps uninterrupted, against the same run stopped by a real SIGTERM at step 100 (inside
     epoch 3) and continued with trainer.resume=auto: every tensor of the final checkpoint is equal."""

@@ -434,6 +434,7 @@ def check_pruned_search(sweep: Path, epochs: int):  # -> optuna.Study
     return study
 
 
+@pytest.mark.slow
 def test_a_median_pruned_search_through_the_training_command(tmp_path: Path) -> None:
     """``hparams_search=optuna`` with the median pruner: 5 trials of 3 epochs (about 30 s). The trials learn (the
     best reaches 2.5x chance); those behind stop early, as the study, the run folders and the summary say."""
@@ -473,6 +474,7 @@ def test_pruning_trains_fewer_epochs_and_keeps_the_best_trial(tmp_path: Path) ->
     assert epochs["full"] == 8 * 4 and epochs["pruned"] < epochs["full"]
 
 
+@pytest.mark.slow
 def test_an_mlflow_search_is_one_run_with_a_nested_run_per_trial(tmp_path: Path) -> None:
     """``logger=mlflow``: the sweeper keeps one store for the whole sweep (<sweep dir>/mlflow.db) and creates the
     sweep's run there; each trial's run nests under it, tagged with its trial and study, its config (the searched
