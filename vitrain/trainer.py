@@ -224,11 +224,11 @@ class Trainer(SavesState):
         path = self._save(val)
         if stop := self.stop.received():  # a signal during the epoch's last step or its validation
             self._preempt(stop, path)
-        self.state.pruned = self._report_trial(epoch, val["top1"])
+        self.state.pruned = self._report_trial(epoch, val["top1"]) and epoch + 1 < self.config.epochs  # else done
 
     def _report_trial(self, epoch: int, top1: float) -> bool:
         """A trial of a pruned Optuna search reports its validation top-1 (rank 0); the study's pruner may stop it
-        at this epoch's end, on every rank."""
+        at this epoch's end, on every rank (not after the last epoch: the trial has run through, and is complete)."""
         return bool(distributed.broadcast_object(self.trial.report(epoch, top1) if self.is_main else False))
 
     def train_one_epoch(self, epoch: int) -> tuple[float, int]:
