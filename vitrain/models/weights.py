@@ -9,6 +9,7 @@ weights that are neither cached nor reachable stop the run at once, in one line 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -193,7 +194,14 @@ def _checkpoint_preprocess(checkpoint: str) -> WeightsPreprocess:
 
 def _saved_preprocess(path: Path) -> dict[str, Any]:
     """The ``preprocess`` of a vitrain training checkpoint (memory-mapped: the tensors are not read), or {} for
-    another file; a file that cannot be read is left to the loader, whose error says why."""
+    another file; a file that cannot be read is left to the loader, whose error says why. Read once per version of
+    the file: a run asks for it several times (its size, its preprocessing, its checkpoints' metadata)."""
+    stat = path.stat()
+    return dict(_read_saved_preprocess(str(path.resolve()), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_saved_preprocess(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     import torch
 
     from vitrain.checkpoint import upgrade
