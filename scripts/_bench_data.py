@@ -183,12 +183,58 @@ def bench_folder(device: torch.device, root: Path, images: int, batch_size: int,
             if r > 0:
                 rates[k].append(rate)
     memory = {k: one_process(k, root, batch_size, workers, device.type) for k in kinds}
+    stages = per_image_ms(root)
     server.kill()
     server.wait()
     return {"images": images, "batch_size": batch_size, "workers": workers, "rounds": rounds,
             "images_per_sec": {k: float(np.median(v)) for k, v in rates.items()}, "all_rates": rates,
             "cache_build_seconds": build_seconds, "cache_bytes": cache.path.stat().st_size,
-            "folder_bytes": sum(p.stat().st_size for p in (root / "train").rglob("*.jpg")), "memory_mb": memory}
+            "folder_bytes": sum(p.stat().st_size for p in (root / "train").rglob("*.jpg")), "memory_mb": memory,
+            "per_image_ms": stages}
+
+
+def per_image_ms(root: Path, count: int = 200, reps: int = 3) -> dict[str, dict[str, float]]:
+    """Milliseconds per image in one thread (best of ``reps`` passes over ``count`` images), stage by stage, for
+    the JPEGs as stored in the folder and as pre-resized in ``shards-256``: reading the bytes (a file each, or the
+    tar members of a shard), decoding (PIL, EXIF orientation applied, RGB), and the training transform (random
+    resized crop to 224, flip, normalize)."""
+    import io
+
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    from vitrain.data.sources import upright
+
+    transform = build_transforms(224, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, train=True, train_crop="rrc")
+    files = sorted((root / "train").rglob("*.jpg"))[:count]
+    shard = sorted((root / "shards-256").glob("train-*.tar"))[0]
+
+    def read_folder() -> list[bytes]:
+        return [f.read_bytes() for f in files]
+
+    def read_shard() -> list[bytes]:
+        with open(shard, "rb") as stream:
+            return [s["jpg"] for s in group_by_keys(tar_file_expander([{"stream": stream, "url": str(shard)}]))]
+
+    def best(fn: object, items: list) -> tuple[float, list]:
+        times, out = [], []
+        for _ in range(reps):
+            start = time.perf_counter()
+            out = fn()
+            times.append((time.perf_counter() - start) * 1000 / len(items))
+        return min(times), out
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    result = {}
+    for name, read in (("folder", read_folder), ("pre-resized shards", read_shard)):
+        read_ms, blobs = best(read, files)
+        decode_ms, images = best(lambda b=blobs: [upright(Image.open(io.BytesIO(x))).convert("RGB") for x in b],
+                                 blobs)
+        transform_ms, _ = best(lambda i=images: [transform(x) for x in i], images)
+        result[name] = {"read": read_ms, "decode": decode_ms, "transform": transform_ms,
+                        "total": read_ms + decode_ms + transform_ms, "size": list(images[0].size)}
+    torch.set_num_threads(threads)
+    return result
 
 
 def serve(folder: Path, url_file: Path) -> subprocess.Popen:
@@ -222,6 +268,10 @@ def format_folder(result: dict) -> str:
         lines.append(f"| {kind} | {rate:.0f} | {rate / base:.2f}x | {m['built']:.0f} / {m['peak']:.0f} |")
     lines.append(f"\ncache: built in {result['cache_build_seconds']:.1f} s, {result['cache_bytes'] / 2**20:.0f} MiB "
                  f"on disk (the JPEGs: {result['folder_bytes'] / 2**20:.0f} MiB)")
+    lines += ["", "| one thread, ms per image | read | decode | train transform | total |", "| --- | --- | --- | --- | --- |"]
+    for name, ms in result["per_image_ms"].items():
+        lines.append(f"| {name} ({ms['size'][0]}x{ms['size'][1]}) | {ms['read']:.2f} | {ms['decode']:.2f} | "
+                     f"{ms['transform']:.2f} | {ms['total']:.2f} |")
     return "\n".join(lines)
 
 

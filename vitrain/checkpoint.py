@@ -9,13 +9,17 @@ vitrain 0.1.0 hold the resolved config instead; :func:`upgrade` derives the same
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import re
 import secrets
 import shutil
+import threading
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +78,91 @@ def write_checkpoints(state: dict[str, Any], folder: Path, best_val: dict[str, f
     for old in sorted(folder.glob("step_*.pt"))[:-keep_last] if keep_last > 1 else []:
         old.unlink()
     return folder / "last.pt"
+
+
+class BackgroundSaves:
+    """Checkpoint writes off the training path. :meth:`submit` takes a CPU copy of the state (the only part the
+    training thread waits for), then a writer thread writes it (:func:`write_checkpoints`: atomic, fsync'd) while
+    training goes on. At most one save is in flight: the next one, and :meth:`wait` (at the end of training, on a
+    stop signal), wait for it, and raise what it failed with (a full disk: :class:`CheckpointWriteError`). The thread
+    is not a daemon: a run that ends by an error still finishes the save in flight before the process exits.
+    ``background=False`` writes in the calling thread, as before.
+
+    ``copy_seconds`` (the training thread's share), ``wait_seconds`` (time it waited for an earlier save) and
+    ``write_seconds`` (each write in the writer thread) are what scripts/benchmark.py reports per save."""
+
+    def __init__(self, background: bool = True) -> None:
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.copy_seconds: list[float] = []
+        self.wait_seconds: list[float] = []
+        self.write_seconds: list[float] = []
+
+    def submit(self, state: dict[str, Any], folder: Path, best_val: dict[str, float] | None = None,
+               keep_last: int = 1) -> Path:
+        """Start writing ``state`` as :func:`write_checkpoints` does; returns the path last.pt will have."""
+        self.wait()
+        start = time.perf_counter()
+        snapshot = cpu_copy(state)  # the live tensors change at the next step; the copy does not
+        self.copy_seconds.append(time.perf_counter() - start)
+        if not self.background:
+            return self._write(snapshot, folder, best_val, keep_last)
+        self._thread = threading.Thread(target=self._run, args=(snapshot, folder, best_val, keep_last),
+                                        name="vitrain-checkpoint-writer")
+        self._thread.start()
+        return folder / "last.pt"
+
+    def _write(self, state: dict[str, Any], folder: Path, best_val: dict[str, float] | None, keep_last: int) -> Path:
+        start = time.perf_counter()
+        try:
+            return write_checkpoints(state, folder, best_val, keep_last)
+        finally:
+            self.write_seconds.append(time.perf_counter() - start)
+
+    def _run(self, *args: Any) -> None:
+        try:
+            self._write(*args)
+        except BaseException as e:  # raised in the training thread at the next wait
+            self._error = e
+
+    @contextlib.contextmanager
+    def flushed(self) -> Iterator[None]:
+        """On leaving, the save in flight is on disk (before metrics.json says the run is complete, and before an
+        error leaves the training loop); a failed save is raised, unless another error is already on its way out
+        (then it is logged)."""
+        try:
+            yield
+        except BaseException:
+            try:
+                self.wait()
+            except Exception as e:
+                log.error("%s", first_line(e))
+            raise
+        self.wait()
+
+    def wait(self) -> None:
+        """Return once the save in flight (if any) is on disk; raise the error it failed with."""
+        if self._thread is not None:
+            start = time.perf_counter()
+            self._thread.join()
+            self._thread = None
+            self.wait_seconds.append(time.perf_counter() - start)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def cpu_copy(value: Any) -> Any:
+    """``value`` with every tensor copied to CPU memory and every dict, list and tuple rebuilt: a snapshot that
+    the training's next in-place updates (weights, optimizer moments, the history list) leave as it was."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
+        return type(value)(cpu_copy(v) for v in value)
+    return value
 
 
 def write_text(text: str, path: Path) -> None:

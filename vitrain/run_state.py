@@ -7,10 +7,12 @@ The files themselves (atomic writes, the pair's order, weights-only loads) are :
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from vitrain import __version__, distributed
 from vitrain.checkpoint import (
@@ -18,8 +20,9 @@ from vitrain.checkpoint import (
     find_resume_checkpoint,
     load_checkpoint,
     rng_state,
-    write_checkpoints,
+    write_text,
 )
+from vitrain.errors import Preempted
 from vitrain.parallel import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 
 log = logging.getLogger(__name__)
@@ -101,5 +104,19 @@ class SavesState:
         if not self.is_main:  # the ranks hold the same weights: rank 0 writes them
             return self.ckpt_dir / "last.pt"
         scores = {k: val[k] for k in ("loss", "top1", "top5")} if best else None
-        return write_checkpoints(state, self.ckpt_dir, scores, self.config.keep_last)
+        return self.saves.submit(state, self.ckpt_dir, scores, self.config.keep_last)
+
+    def _preempt(self, signum: int, checkpoint: Path) -> NoReturn:
+        """Stopped by a signal, with ``checkpoint`` written: ``metrics.json`` says so in words a requeue script
+        reads whatever the launcher's exit code (torchrun's is 1), then every rank leaves through
+        :class:`Preempted`."""
+        self.saves.wait()
+        if self.is_main:
+            s = self.state
+            stopped = {"state": "preempted", "signal": signal.Signals(signum).name, "signum": signum,
+                       "exit_code": 128 + signum, "epoch": s.epoch, "steps": s.step, "checkpoint": str(checkpoint),
+                       "best_top1": s.best_top1, "epochs_trained": len(s.history), "history": s.history}
+            write_text(json.dumps(stopped, indent=2), self.run_dir / "metrics.json")
+        distributed.barrier()  # the other ranks exit once rank 0 has written the checkpoint
+        raise Preempted(signum, self.state.step, checkpoint)
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from timm.utils import ModelEmaV3
@@ -25,9 +24,9 @@ from torch import nn
 from tqdm import tqdm
 
 from vitrain import distributed
-from vitrain.checkpoint import set_rng_state, write_text
+from vitrain.checkpoint import BackgroundSaves, set_rng_state, write_text
 from vitrain.distributed import resolve_device
-from vitrain.errors import ConfigError, Preempted
+from vitrain.errors import ConfigError
 from vitrain.guards import NonFiniteGuard, StopSignals
 from vitrain.loggers import Logger
 from vitrain.metrics import LossWindow, full_tensor, gradient_norm, score
@@ -70,6 +69,7 @@ class TrainerConfig:
     resume: str | None = None  # null: start fresh | auto: this run folder's last.pt (hydra.run.dir=<run>) | a path
     checkpoint_every_steps: int | None = None  # also write last.pt every N optimizer steps; null: at epoch ends
     keep_last: int = 1  # with > 1, also keep the N newest numbered checkpoints (checkpoints/step_*.pt)
+    async_save: bool = True  # write checkpoints in a background thread (training waits only for a CPU copy)
     cache_features: bool = False  # the frozen backbone runs once over the data (features cached on disk) and only
     #   the head trains, on its features: a linear probe in seconds (vitrain/features.py)
     feature_views: int = 1  # with cache_features: passes over the training images, each a draw of their augmentation
@@ -154,6 +154,7 @@ class Trainer(SavesState):
         self.stop = StopSignals()
         self._resumed_rng: dict[str, Any] | None = None
         self._best_weights: dict[str, torch.Tensor] | None = None
+        self.saves = BackgroundSaves(config.async_save)
 
     def _build_train_model(self) -> None:
         """The model of the training step: in DDP under torchrun. trainer.compile: the forward and loss
@@ -181,7 +182,7 @@ class Trainer(SavesState):
         """Train (from where a resumed checkpoint stopped), evaluate after every epoch, checkpoint; return
         (and write) the final metrics. SIGTERM/SIGINT end the current step, save, and raise :class:`Preempted`."""
         start, s = time.perf_counter(), self.state
-        with self.run_log.running(s.epoch, s.step), self.stop.catch():
+        with self.run_log.running(s.epoch, s.step), self.stop.catch(), self.saves.flushed():
             for epoch in range(s.epoch, self.config.epochs):
                 s.epoch = epoch
                 self._run_epoch(epoch)
@@ -351,19 +352,6 @@ class Trainer(SavesState):
         path = self._save()
         if stop:
             self._preempt(stop, path)
-
-    def _preempt(self, signum: int, checkpoint: Path) -> NoReturn:
-        """Stopped by a signal, with ``checkpoint`` written: ``metrics.json`` says so in words a requeue script
-        reads whatever the launcher's exit code (torchrun's is 1), then every rank leaves through
-        :class:`Preempted`."""
-        if self.is_main:
-            s = self.state
-            stopped = {"state": "preempted", "signal": signal.Signals(signum).name, "signum": signum,
-                       "exit_code": 128 + signum, "epoch": s.epoch, "steps": s.step, "checkpoint": str(checkpoint),
-                       "best_top1": s.best_top1, "epochs_trained": len(s.history), "history": s.history}
-            write_text(json.dumps(stopped, indent=2), self.run_dir / "metrics.json")
-        distributed.barrier()  # the other ranks exit once rank 0 has written the checkpoint
-        raise Preempted(signum, self.state.step, checkpoint)
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, Any]:
         """:func:`vitrain.metrics.score` of ``model`` (default: the trained one) on the validation set."""
