@@ -268,7 +268,8 @@ def format_folder(result: dict) -> str:
         lines.append(f"| {kind} | {rate:.0f} | {rate / base:.2f}x | {m['built']:.0f} / {m['peak']:.0f} |")
     lines.append(f"\ncache: built in {result['cache_build_seconds']:.1f} s, {result['cache_bytes'] / 2**20:.0f} MiB "
                  f"on disk (the JPEGs: {result['folder_bytes'] / 2**20:.0f} MiB)")
-    lines += ["", "| one thread, ms per image | read | decode | train transform | total |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", "| one thread, ms per image | read | decode | train transform | total |",
+              "| --- | --- | --- | --- | --- |"]
     for name, ms in result["per_image_ms"].items():
         lines.append(f"| {name} ({ms['size'][0]}x{ms['size'][1]}) | {ms['read']:.2f} | {ms['decode']:.2f} | "
                      f"{ms['transform']:.2f} | {ms['total']:.2f} |")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from vitrain.checkpoint import load_checkpoint
 from vitrain.models import create_model
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -73,12 +74,17 @@ def test_model_rows_have_throughputs_ratios_and_mfu(bench) -> None:
 
 def test_trainer_and_data_rows(bench, tmp_path: Path) -> None:
     device = torch.device("cpu")
-    row = bench.bench_trainer("vit_nano_patch4_16", device, "fp32", batch_size=4, steps=2, rounds=1,
-                              workdir=tmp_path)
-    assert (row["a"], row["b"]) == ("Trainer", "bare loop")
-    assert row["a_img_s"] > 0 and row["b_img_s"] > 0 and row["ratio"] > 0
-    assert list(tmp_path.glob("*/checkpoints/last.pt"))  # the Trainer did checkpoint
-    assert bench.judge(row, "cpu", "fp32")["result"] in ("PASS", "MISS")
+    rows = bench.bench_trainer("vit_nano_patch4_16", device, "fp32", batch_size=4, steps=2, rounds=1,
+                               workdir=tmp_path)
+    assert [(row["a"], row["b"]) for row in rows] == [("Trainer", "bare loop"), ("Trainer, saves in place",
+                                                                                  "bare loop")]
+    for row in rows:
+        assert row["a_img_s"] > 0 and row["b_img_s"] > 0 and row["ratio"] > 0
+        assert row["saves_per_run"] == bench.TRAINER_EPOCHS  # one save per epoch, each one timed
+        assert row["save_ms_training_thread"] > 0 and row["save_ms_written"] > 0
+        assert bench.judge(row, "cpu", "fp32")["result"] in ("PASS", "MISS")
+    # 2 contenders x (warm-up + 1 round) runs, each with last.pt and best.pt that load
+    assert len([load_checkpoint(p) for p in tmp_path.glob("*/checkpoints/last.pt")]) == 4
     data = bench.bench_data(device, batch_size=4, batches=2, rounds=1, workers=0, img_size=32)
     assert data["b_img_s"] > 0 and data["items"] == 8
     if data["a"] is not None:  # the device path (vitrain.data.gpu)
@@ -91,7 +97,7 @@ def test_main_writes_json_and_judges_every_row(bench, tmp_path: Path, capsys: py
                 "--trainer-steps", "2", "--rounds", "1", "--data-batch-size", "4", "--data-batches", "2",
                 "--workers", "0", "--out", str(out)])
     report = json.loads(out.read_text())
-    assert [r["part"] for r in report["rows"]] == ["data", "trainer"]
+    assert [r["part"] for r in report["rows"]] == ["data", "trainer", "trainer"]
     assert all("target" in r and "result" in r for r in report["rows"])
     assert report["machine"]["cores"] >= 1 and report["settings"]["precision"] == "fp32"
     assert "| trainer | vit_nano_patch4_16 | Trainer vs bare loop |" in capsys.readouterr().out

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
-from vitrain.checkpoint import load_checkpoint, load_training_checkpoint, remove_partial_saves, save_checkpoint
+from vitrain.checkpoint import (
+    load_checkpoint,
+    load_training_checkpoint,
+    remove_partial_saves,
+    save_checkpoint,
+    write_checkpoints,
+)
 from vitrain.config import compose
 from vitrain.evaluate import evaluate_checkpoint
 from vitrain.inference import load_trained
@@ -82,3 +89,77 @@ def test_the_next_run_in_the_folder_removes_the_leftovers(tmp_path: Path) -> Non
     (folder / "last.pt.tmp").write_bytes(b"half a checkpoint")
     train(compose(["trainer.epochs=1", "data.batch_size=720", "trainer.progress=false"]), tmp_path / "run")
     assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_a_background_save_returns_before_the_write_and_keeps_the_state_it_was_given(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    """The writer thread is held at torch.save: submit() has returned and last.pt is not there yet; the weights
+    change in place meanwhile (the next step); once released, last.pt holds the weights as they were at submit."""
+    import threading
+
+    import vitrain.checkpoint as checkpoint
+
+    release, real_save = threading.Event(), torch.save
+
+    def held_save(obj: object, f: object) -> None:
+        assert release.wait(30)
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", held_save)
+    weights = torch.arange(6.0)
+    saves = checkpoint.BackgroundSaves()
+    path = saves.submit({"model": {"w": weights}, "step": 1, "history": [{"epoch": 1}]},
+                        partial(write_checkpoints, folder=tmp_path, best_val={"top1": 1.0}), tmp_path / "last.pt")
+    weights.add_(100.0)  # the optimizer's next step, while the save is in flight
+    assert path == tmp_path / "last.pt" and not path.exists()
+    release.set()
+    saves.wait()
+    for name in ("last.pt", "best.pt"):
+        assert torch.equal(load_checkpoint(tmp_path / name)["model"]["w"], torch.arange(6.0))
+    assert len(saves.write_seconds) == 1 and len(saves.copy_seconds) == 1
+
+
+def test_a_failed_background_save_is_raised_at_the_next_wait_and_the_old_files_stay(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    import os
+
+    from vitrain.checkpoint import BackgroundSaves, CheckpointWriteError
+
+    saves = BackgroundSaves()
+    write = partial(write_checkpoints, folder=tmp_path, best_val={"top1": 1.0})
+    saves.submit({"model": {"w": torch.ones(3)}, "step": 1}, write, tmp_path / "last.pt")
+    saves.wait()
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    saves.submit({"model": {"w": torch.zeros(3)}, "step": 2}, write, tmp_path / "last.pt")
+    with pytest.raises(CheckpointWriteError, match=r"cannot write .*last.pt: Input/output error"):
+        saves.wait()
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 1 and load_checkpoint(tmp_path / "best.pt")["step"] == 1
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(RuntimeError, match="the loop failed"), saves.flushed():  # an error on its way out: the
+        saves.submit({"model": {"w": torch.zeros(3)}, "step": 3}, write, tmp_path / "last.pt")  # it still lands
+        raise RuntimeError("the loop failed")
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 3
+
+
+def test_a_run_saved_in_the_background_equals_one_saved_in_place(tmp_path: Path) -> None:
+    """trainer.async_save=true (the default) and false: the same checkpoints, tensor for tensor."""
+    args = ["trainer.epochs=2", "trainer.progress=false", "logger=[]", "data.batch_size=64",
+            "scheduler.warmup_epochs=0"]
+    train(compose(args), tmp_path / "async")
+    train(compose([*args, "trainer.async_save=false"]), tmp_path / "sync")
+    for name in ("last.pt", "best.pt"):
+        ours, theirs = (load_checkpoint(tmp_path / run / "checkpoints" / name) for run in ("async", "sync"))
+        assert ours["step"] == theirs["step"]
+        for row, other in zip(ours["history"], theirs["history"], strict=True):  # all but the timing
+            assert {k: v for k, v in row.items() if k != "images_per_sec"} == \
+                {k: v for k, v in other.items() if k != "images_per_sec"}
+        for part in ("model", "model_ema"):
+            assert all(torch.equal(v, theirs[part][k]) for k, v in ours.get(part, {}).items())
+        if "optimizer" in ours:
+            for i, state in ours["optimizer"]["state"].items():
+                assert all(torch.equal(v, theirs["optimizer"]["state"][i][k]) for k, v in state.items())

@@ -97,6 +97,7 @@ def test_a_checkpoint_from_any_batch_of_an_epoch_resumes_to_the_same_figures(tmp
 
     def save_and_keep(self: Trainer, val=None) -> Path:
         path = save(self, val)
+        self.saves.wait()  # written in the background: on disk now
         saves.append(path.with_name(f"save_{len(saves):02d}.pt"))
         shutil.copy(path, saves[-1])
         return path

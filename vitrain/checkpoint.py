@@ -19,7 +19,7 @@ import shutil
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     os.replace(_write_temp(state, path), path)
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
     return path
 
 
@@ -74,7 +74,7 @@ def write_checkpoints(state: dict[str, Any], folder: Path, best_val: dict[str, f
         raise
     for tmp, path in written:
         os.replace(tmp, path)
-    _fsync_folder(folder)
+    fsync_folder(folder)
     for old in sorted(folder.glob("step_*.pt"))[:-keep_last] if keep_last > 1 else []:
         old.unlink()
     return folder / "last.pt"
@@ -99,24 +99,24 @@ class BackgroundSaves:
         self.wait_seconds: list[float] = []
         self.write_seconds: list[float] = []
 
-    def submit(self, state: dict[str, Any], folder: Path, best_val: dict[str, float] | None = None,
-               keep_last: int = 1) -> Path:
-        """Start writing ``state`` as :func:`write_checkpoints` does; returns the path last.pt will have."""
+    def submit(self, state: dict[str, Any], write: Callable[[dict[str, Any]], Path], path: Path) -> Path:
+        """Start ``write(copy of state)`` (e.g. :func:`write_checkpoints` into a folder); returns ``path``, where
+        the checkpoint will be."""
         self.wait()
         start = time.perf_counter()
         snapshot = cpu_copy(state)  # the live tensors change at the next step; the copy does not
         self.copy_seconds.append(time.perf_counter() - start)
         if not self.background:
-            return self._write(snapshot, folder, best_val, keep_last)
-        self._thread = threading.Thread(target=self._run, args=(snapshot, folder, best_val, keep_last),
-                                        name="vitrain-checkpoint-writer")
+            self._write(write, snapshot)
+            return path
+        self._thread = threading.Thread(target=self._run, args=(write, snapshot), name="vitrain-checkpoint-writer")
         self._thread.start()
-        return folder / "last.pt"
+        return path
 
-    def _write(self, state: dict[str, Any], folder: Path, best_val: dict[str, float] | None, keep_last: int) -> Path:
+    def _write(self, write: Callable[[dict[str, Any]], Path], snapshot: dict[str, Any]) -> None:
         start = time.perf_counter()
         try:
-            return write_checkpoints(state, folder, best_val, keep_last)
+            write(snapshot)
         finally:
             self.write_seconds.append(time.perf_counter() - start)
 
@@ -175,9 +175,9 @@ def write_text(text: str, path: Path) -> None:
             os.fsync(f.fileno())
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(_write_failure(path, e)) from e
+        raise CheckpointWriteError(write_failure(path, e)) from e
     os.replace(tmp, path)
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
 
 
 def _temp_name(path: Path) -> Path:
@@ -198,7 +198,7 @@ def _write_temp(state: dict[str, Any], path: Path) -> Path:
         cause = _os_error(e)
         if cause is None:
             raise
-        raise CheckpointWriteError(_write_failure(path, cause)) from e
+        raise CheckpointWriteError(write_failure(path, cause)) from e
     return tmp
 
 
@@ -212,7 +212,7 @@ def _os_error(error: BaseException) -> OSError | None:
     return None
 
 
-def _write_failure(path: Path, error: OSError) -> str:
+def write_failure(path: Path, error: OSError) -> str:
     try:
         free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
     except OSError:
@@ -222,7 +222,7 @@ def _write_failure(path: Path, error: OSError) -> str:
             f"free space, or make the folder writable, or set hydra.run.dir to another disk, and resume")
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """Flush a folder's entries (the renames in it) to disk; where folders cannot be opened, nothing."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -244,11 +244,14 @@ def remove_partial_saves(folder: Path) -> list[Path]:
     writer is no longer running (and the single-name ``last.pt.tmp`` of earlier versions). A save still in progress in
     another process, and the complete checkpoints, are never touched. Returns the files removed."""
     leftovers = []
-    for path in sorted(folder.glob("*.tmp")) if folder.is_dir() else []:
+    for path in sorted(folder.glob("*.tmp")) if folder.is_dir() else []:  # hidden ones too
         match = _TEMP.search(path.name)
         if match and _running(int(match.group(1))):
             continue
-        path.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():  # a sharded save's folder (vitrain/sharded.py)
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
         leftovers.append(path)
         log.warning("removed %s, left by a save that was killed mid-write", path)
     return leftovers
@@ -318,12 +321,27 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     """``trainer.resume``: null (start fresh), ``auto`` (this run folder's last.pt, if any) or a path."""
     if not resume:
         return None
-    if resume == "auto":
-        last = run_dir / "checkpoints" / "last.pt"
-        return last if last.is_file() else None
-    if not Path(resume).is_file():
-        raise ConfigError(f"trainer.resume={resume}: no such file; give a last.pt, or trainer.resume=auto")
+    if resume == "auto":  # last.pt, or last.dcp of an FSDP2 run: the newer
+        return newest(run_dir / "checkpoints")
+    if not Path(resume).is_file() and not is_sharded_checkpoint(Path(resume)):
+        raise ConfigError(f"trainer.resume={resume}: no such file; give a last.pt (or an FSDP2 run's last.dcp), or "
+                          f"trainer.resume=auto")
     return Path(resume)
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A DCP folder (``last.dcp`` of an FSDP2 run, :mod:`vitrain.sharded`)."""
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def newest(folder: Path) -> Path | None:
+    """The newer of ``last.pt`` and ``last.dcp`` in ``folder`` (a run may have written both: on one rank, then
+    sharded), by the time each was completed (a DCP save's ``state.pt`` is its last file); None for neither."""
+    found = [p for p in (folder / "last.pt", folder / "last.dcp" / "state.pt") if p.is_file()]
+    if not found:
+        return None
+    best = max(found, key=lambda p: p.stat().st_mtime_ns)
+    return best if best.name == "last.pt" else folder / "last.dcp"
 
 
 def check_resume_position(state: dict[str, Any], global_batch: int) -> None:

@@ -40,7 +40,27 @@ def run_command(main: Callable[[], T], debug: bool = False,
     except (VitrainError, MissingMandatoryValue) as e:
         if debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        if optuna_trial():  # the sweeper records it as a failed trial, and the sweep goes on
+            print(f"error: {error_message(e)}", file=sys.stderr)
+            raise TrialFailed(error_message(e)) from None
         fail(error_message(e), rank)
+
+
+class TrialFailed(Exception):
+    """A trial of vitrain's Optuna sweep refused or failed: raised to the sweeper (which marks it FAIL, with this
+    line as its reason) in place of ending the process, so that the other trials run."""
+
+
+def optuna_trial() -> bool:
+    """This run is a trial of vitrain's Optuna sweeper, in the sweep's process (Hydra's multirun)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except (ImportError, ValueError):
+        return False
+    return hydra_cfg.mode == RunMode.MULTIRUN and "VitrainOptunaSweeper" in str(hydra_cfg.sweeper.get("_target_"))
 
 
 def resume_command(run_dir: str | Path) -> str:

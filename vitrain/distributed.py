@@ -192,12 +192,12 @@ def any_rank(value: int) -> int:
     return int(flag.item())
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
+def broadcast_object(obj: Any, group: Any = None) -> Any:
+    """Rank 0's ``obj`` on every rank (of ``group``: default, the whole job's)."""
     if world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
@@ -216,10 +216,16 @@ def own_entry(per_rank: list[Any] | None, default: Any) -> Any:
     return per_rank[get_rank()] if per_rank and len(per_rank) == world_size() else default
 
 
-def barrier() -> None:
-    """Wait until every rank gets here (e.g. until rank 0 has written a checkpoint)."""
+def barrier(group: Any = None) -> None:
+    """Wait until every rank (of ``group``) gets here (e.g. until rank 0 has written a checkpoint)."""
     if world_size() > 1:
-        dist.barrier()
+        dist.barrier(group=group)
+
+
+def side_group() -> Any:
+    """A gloo group of all ranks beside the training's own, for collectives from another thread (a checkpoint
+    written in the background) that must not interleave with the training's; None in one process."""
+    return dist.new_group(backend="gloo") if world_size() > 1 else None
 
 
 def rank0_first(fn: Callable[[], T]) -> T:

@@ -101,6 +101,15 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def reshard(model: nn.Module | None) -> None:
+    """Put every FSDP2 module of ``model`` back to its shards (a no-op for a model that is not sharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules() if model is not None else ():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def _options(**extra: Any) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 

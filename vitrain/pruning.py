@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vitrain.errors import ConfigError, import_extra
@@ -37,15 +37,28 @@ PRUNERS = {  # the pruners by name: `hydra/sweeper/pruner=NAME` or `hydra.sweepe
 }
 
 
+# what a run can return to the sweeper, one per hydra.sweeper.direction: its metrics.json key or measure
+OBJECTIVES = {"val_top1": "final_top1", "best_top1": "best_top1", "val_loss": "final_val_loss",
+              "test_top1": "test_top1", "train_img_s": "train_images_per_sec", "params": "params",
+              "latency_ms": "latency_ms"}
+
+
 @dataclass
 class SweepConfig:
-    """``sweep``: the Optuna trial this run is. The sweeper sets all three when it prunes; all null otherwise."""
+    """``sweep``: what the run returns to a sweeper (``objectives``), and the Optuna trial this run is (the sweeper
+    sets ``trial``, ``storage`` and ``study`` together when it prunes; all null otherwise)."""
 
     trial: int | None = None  # the trial's number in its study
     storage: str | None = None  # the study's storage URL, e.g. sqlite:////abs/path/optuna.db
     study: str | None = None  # the study's name in that storage
+    objectives: list[str] = field(default_factory=lambda: ["val_top1"])  # what the run returns, one per
+    #   hydra.sweeper.direction: val_top1, best_top1, val_loss, test_top1, train_img_s, params (count),
+    #   latency_ms (inference, one image, on the training device)
 
     def __post_init__(self) -> None:
+        unknown = [o for o in self.objectives if o not in OBJECTIVES]
+        if unknown or not self.objectives:
+            raise ConfigError(f"unknown sweep.objectives {unknown or '[]'}; choose from {', '.join(OBJECTIVES)}")
         given = [v is not None for v in (self.trial, self.storage, self.study)]
         if any(given) and not all(given):
             raise ConfigError("sweep.trial, sweep.storage and sweep.study are set together (the Optuna sweeper "
@@ -63,6 +76,40 @@ def pruner_spec(pruner: str | Mapping[str, Any]) -> dict[str, Any]:
     if "_target_" not in pruner:
         raise ConfigError(f"a pruner needs a _target_ (e.g. optuna.pruners.MedianPruner), got {dict(pruner)}")
     return dict(pruner)
+
+
+def measure(objectives: list[str], model: Any, img_size: int, device: Any) -> dict[str, float]:
+    """What ``objectives`` need beyond the training's metrics: the parameter count, and the median inference
+    latency of one image (eval mode, 20 timed calls after 5 warm-up calls) when asked for."""
+    import statistics
+    import time
+
+    import torch
+
+    measured: dict[str, float] = {"params": float(sum(p.numel() for p in model.parameters()))}
+    if "latency_ms" in objectives:
+        was_training, image = model.training, torch.zeros(1, 3, img_size, img_size, device=device)
+        model.eval()
+        times = []
+        with torch.inference_mode():
+            for i in range(25):
+                start = time.perf_counter()
+                model(image)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i >= 5:
+                    times.append(time.perf_counter() - start)
+        model.train(was_training)
+        measured["latency_ms"] = 1e3 * statistics.median(times)
+    return measured
+
+
+def objective_values(metrics: Mapping[str, Any], objectives: list[str]) -> float | str | list[float]:
+    """What the run returns to the sweeper: :data:`PRUNED`, one value, or one per objective."""
+    if metrics.get("state") == "pruned":
+        return PRUNED
+    values = [float(metrics[OBJECTIVES[o]]) for o in objectives]
+    return values[0] if len(values) == 1 else values
 
 
 def build_pruner(pruner: str | Mapping[str, Any]) -> optuna.pruners.BasePruner:

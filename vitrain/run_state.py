@@ -11,19 +11,31 @@ import json
 import logging
 import signal
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
 from vitrain import __version__, distributed
 from vitrain.checkpoint import (
+    TRAINING_STATE,
     check_resume_position,
     find_resume_checkpoint,
+    is_sharded_checkpoint,
     load_checkpoint,
     rng_state,
+    save_checkpoint,
+    write_checkpoints,
     write_text,
 )
 from vitrain.errors import Preempted
-from vitrain.parallel import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
+from vitrain.parallel import (
+    full_model_state,
+    full_optimizer_state,
+    is_sharded,
+    load_full_model_state,
+    load_full_optimizer_state,
+)
+from vitrain.sharded import LAST, load_sharded, save_sharded, tensors_of
 
 log = logging.getLogger(__name__)
 
@@ -57,32 +69,48 @@ class SavesState:
         """Everything needed to continue exactly: weights, optimizer, schedule, scaler, EMA, the
         :class:`TrainState` and the random generators, with the metadata."""
         state = {"model": full_model_state(self.model), "optimizer": full_optimizer_state(self.model, self.optimizer),
-                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                 **dataclasses.asdict(self.state), "rng": rng_state(), "vitrain_version": __version__,
-                 "logger": self.logger.state_dict(), **self.metadata}
+                 **self._rest_state()}
         if self.ema is not None:
             state["model_ema"] = full_model_state(self.ema.module)
         return state
 
+    def _rest_state(self) -> dict[str, Any]:
+        """All but the weights and the optimizer's states."""
+        return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                **dataclasses.asdict(self.state), "rng": rng_state(), "vitrain_version": __version__,
+                "logger": self.logger.state_dict(), **self.metadata}
+
     def resume(self, resume: str | None, global_batch: int) -> None:
         """``trainer.resume``: continue from the checkpoint it names (rank 0 finds it, every rank loads it), which
-        must have been written with the same images per step (``global_batch``) if it stopped inside an epoch."""
+        must have been written with the same images per step (``global_batch``) if it stopped inside an epoch.
+        A sharded checkpoint (``last.dcp``, of an FSDP2 run) loads into any strategy and number of ranks."""
         path = distributed.broadcast_object(find_resume_checkpoint(resume, self.run_dir))
         if path is None:
             return
-        state = load_checkpoint(path, map_location=self.device)
-        check_resume_position(state, global_batch)
-        self.load_state_dict(state)
+        if is_sharded_checkpoint(path):
+            state = load_sharded(path, self.model, self.optimizer, self.ema.module if self.ema else None)
+            check_resume_position(state, global_batch)
+        else:
+            state = load_checkpoint(path, map_location=self.device)
+            check_resume_position(state, global_batch)
+            self.load_weights(state)
+        self.load_rest(state)
         log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch + 1, self.state.step)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint written by :meth:`state_dict`."""
+        self.load_weights(state)
+        self.load_rest(state)
+
+    def load_weights(self, state: dict[str, Any]) -> None:
         load_full_model_state(self.model, state["model"])
         load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and "model_ema" in state:
             load_full_model_state(self.ema.module, state["model_ema"])
+
+    def load_rest(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
         known = {f.name for f in dataclasses.fields(TrainState)}
         self.state = TrainState(**{k: v for k, v in state.items() if k in known})
         self.state.history = list(self.state.history)
@@ -90,21 +118,49 @@ class SavesState:
         self.logger.load_state_dict(state.get("logger", {}))  # the tracked run to continue (MLflow, W&B)
 
     def _save(self, val: dict[str, Any] | None = None) -> Path:
-        """Write ``last.pt`` (and ``best.pt`` when ``val`` is a new best); with ``keep_last`` > 1, also
-        keep that many numbered checkpoints. Returns the path written."""
+        """Write ``last.pt`` (``last.dcp`` under FSDP2) and ``best.pt`` when ``val`` is a new best; with
+        ``keep_last`` > 1, also keep that many numbered checkpoints. The files are written in the background
+        (``trainer.async_save``). Returns the path of the last checkpoint."""
         best = val is not None and val["top1"] > self.state.best_top1
         if best:
             self.state.best_top1 = val["top1"]
             if self.loaders.test is not None:  # for the test set at the end, without a file read on every rank
                 weights = full_model_state(self.model)
                 self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
+        scores = {k: val[k] for k in ("loss", "top1", "top5")} if best else None
+        if is_sharded(self.model):
+            return self._save_sharded(scores)
         state = self.state_dict()
         if distributed.world_size() > 1:  # each rank's generators, for an exact resume on as many ranks
             state["rng_ranks"] = distributed.gather_objects(state["rng"])
         if not self.is_main:  # the ranks hold the same weights: rank 0 writes them
             return self.ckpt_dir / "last.pt"
-        scores = {k: val[k] for k in ("loss", "top1", "top5")} if best else None
-        return self.saves.submit(state, self.ckpt_dir, scores, self.config.keep_last)
+        return self.saves.submit(state, partial(write_checkpoints, folder=self.ckpt_dir, best_val=scores,
+                                                keep_last=self.config.keep_last), self.ckpt_dir / "last.pt")
+
+    def _save_sharded(self, scores: dict[str, float] | None) -> Path:
+        """FSDP2: every rank writes its shards into ``last.dcp`` (:mod:`vitrain.sharded`); best.pt, full weights
+        gathered on rank 0, after it."""
+        ema = self.ema.module if self.ema is not None else None
+        tensors, groups = tensors_of(self.model, self.optimizer, ema)
+        rest = self._rest_state()
+        rest.update(param_groups=groups, sharded=list(tensors), rng_ranks=distributed.gather_objects(rest["rng"]))
+        best = None
+        if scores is not None:  # collective: every rank takes part in the gathering
+            best = {"model": full_model_state(self.model), **({"model_ema": full_model_state(ema)} if ema else {})}
+            best.update({k: v for k, v in rest.items() if k not in (*TRAINING_STATE, "param_groups", "sharded")},
+                        val=scores)
+        if self.saves.background and self._side_group is None:
+            self._side_group = distributed.side_group()
+        folder, step, keep, group = self.ckpt_dir, self.state.step, self.config.keep_last, self._side_group
+
+        def write(snapshot: dict[str, Any]) -> Path:
+            last = save_sharded(snapshot["tensors"], snapshot["rest"], folder, step, keep, group)
+            if snapshot["best"] is not None and self.is_main:
+                save_checkpoint(snapshot["best"], folder / "best.pt")
+            return last
+
+        return self.saves.submit({"tensors": tensors, "rest": rest, "best": best}, write, folder / LAST)
 
     def _preempt(self, signum: int, checkpoint: Path) -> NoReturn:
         """Stopped by a signal, with ``checkpoint`` written: ``metrics.json`` says so in words a requeue script

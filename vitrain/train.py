@@ -24,7 +24,7 @@ from vitrain.config import CONFIG_DIR, TrainConfig, ensure_writable, to_config
 from vitrain.data.remote import NetworkError, network_stop
 from vitrain.distributed import World, barrier, close_distributed, init_distributed, torchrun_world
 from vitrain.errors import Preempted
-from vitrain.pruning import PRUNED
+from vitrain.pruning import measure, objective_values
 from vitrain.runtime import close_workers, seed_everything
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ def _train(cfg: TrainConfig, run_dir: Path, world: World, device: torch.device) 
         metrics = trainer.fit()
     finally:  # now, not at garbage collection (which waits 5 s for each worker)
         close_workers(trainer.loaders.train, trainer.loaders.val, trainer.loaders.test)
+    metrics.update(measure(cfg.sweep.objectives, trainer.model, cfg.model.img_size, trainer.device))
     if cfg.model.lora.rank > 0 and world.is_main:  # the final adapters and head, in peft's format
         from vitrain.lora import save_adapters
 
@@ -71,8 +72,8 @@ def _train(cfg: TrainConfig, run_dir: Path, world: World, device: torch.device) 
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def hydra_main(cfg: DictConfig) -> float | str:
-    """The Hydra app; returns the final top-1 so that sweepers can optimise it. Exit codes: 1 for a user
+def hydra_main(cfg: DictConfig) -> float | str | list[float]:
+    """The Hydra app; returns what ``sweep.objectives`` names (the final top-1) for sweepers. Exit codes: 1 for a user
     error (one line on stderr), 143 after SIGTERM and 130 after SIGINT (the checkpoint is written first, and
     the command that resumes is printed)."""
     run_dir = HydraConfig.get().runtime.output_dir
@@ -81,12 +82,12 @@ def hydra_main(cfg: DictConfig) -> float | str:
         if torchrun_world().rank == 0:
             print(f"{e}\nresume with: {resume_command(run_dir)}", file=sys.stderr)
 
-    def run() -> float | str:
+    def run() -> float | str | list[float]:
         try:
             metrics = train(cfg, run_dir)
         except NetworkError as e:  # the data's server, not the data: what is kept, and how to go on
             raise NetworkError(network_stop(e, Path(run_dir), resume_command(run_dir))) from e
-        top1 = PRUNED if metrics["state"] == "pruned" else metrics["final_top1"]  # what the sweeper records
+        top1 = objective_values(metrics, cfg.sweep.objectives)  # what the sweeper records (or PRUNED)
         barrier()  # every rank done before any leaves the group: gloo aborts a rank whose peer is already gone
         return top1
 

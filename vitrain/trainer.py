@@ -154,7 +154,7 @@ class Trainer(SavesState):
         self.stop = StopSignals()
         self._resumed_rng: dict[str, Any] | None = None
         self._best_weights: dict[str, torch.Tensor] | None = None
-        self.saves = BackgroundSaves(config.async_save)
+        self.saves, self._side_group = BackgroundSaves(config.async_save), None  # see SavesState._save
 
     def _build_train_model(self) -> None:
         """The model of the training step: in DDP under torchrun. trainer.compile: the forward and loss

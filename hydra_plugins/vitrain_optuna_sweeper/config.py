@@ -1,5 +1,5 @@
 """The sweeper's settings (``hydra/sweeper=vitrain_optuna``), its samplers (``hydra/sweeper/sampler=tpe|random|
-cmaes|grid|nsgaii``) and its pruners (``hydra/sweeper/pruner=none|median|hyperband|successive_halving``).
+cmaes|grid|nsgaii|gp|qmc``) and its pruners (``hydra/sweeper/pruner=none|median|hyperband|successive_halving``).
 
 Each sampler and pruner is an Optuna class (``_target_``) and the arguments users set most; any other argument
 of that class is added with ``+hydra.sweeper.sampler.NAME=VALUE``. ``python -m vitrain.train hparams_search=optuna
@@ -64,6 +64,28 @@ class NSGAIISamplerConfig:
 
 
 @dataclass
+class GPSamplerConfig:
+    """Gaussian-process Bayesian optimization (Optuna's GPSampler; needs scipy): sample-efficient for a few
+    continuous parameters and tens of trials."""
+
+    _target_: str = "optuna.samplers.GPSampler"
+    seed: int | None = None  # the same seed (and the same results) propose the same trials
+    n_startup_trials: int = 10  # random trials before the Gaussian process models the results
+    deterministic_objective: bool = False  # true: the objective has no noise (rarely so for training runs)
+
+
+@dataclass
+class QMCSamplerConfig:
+    """Quasi-Monte Carlo (Optuna's QMCSampler; needs scipy): low-discrepancy points, a space covered more evenly
+    than by random sampling."""
+
+    _target_: str = "optuna.samplers.QMCSampler"
+    seed: int | None = None  # the scrambling's seed
+    qmc_type: str = "sobol"  # sobol | halton
+    scramble: bool = True  # randomized QMC (false: the same points in every study)
+
+
+@dataclass
 class NopPrunerConfig:
     """No pruning: every trial runs all its epochs."""
 
@@ -110,7 +132,7 @@ class VitrainOptunaSweeperConf:
     _target_: str = "hydra_plugins.vitrain_optuna_sweeper.optuna_sweeper.VitrainOptunaSweeper"
     _recursive_: bool = False  # the sweeper builds the sampler and pruner itself (the grid needs params)
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "none"}])
-    sampler: Any = MISSING  # hydra/sweeper/sampler=tpe|random|cmaes|grid|nsgaii, or a node with a _target_
+    sampler: Any = MISSING  # hydra/sweeper/sampler=tpe|random|cmaes|grid|nsgaii|gp|qmc, or a node with a _target_
     pruner: Any = MISSING  # hydra/sweeper/pruner=none|median|hyperband|successive_halving, a name, or a _target_
     direction: Any = "minimize"  # minimize | maximize, or a list of them for several objectives
     n_trials: int = 20  # trials in this sweep (a resumed study gets this many more)
@@ -126,7 +148,8 @@ def register() -> None:
     store = ConfigStore.instance()
     store.store(group="hydra/sweeper", name="vitrain_optuna", node=VitrainOptunaSweeperConf, provider="vitrain")
     samplers = {"tpe": TPESamplerConfig, "random": RandomSamplerConfig, "cmaes": CmaEsSamplerConfig,
-                "grid": GridSamplerConfig, "nsgaii": NSGAIISamplerConfig}
+                "grid": GridSamplerConfig, "nsgaii": NSGAIISamplerConfig, "gp": GPSamplerConfig,
+                "qmc": QMCSamplerConfig}
     for name, node in samplers.items():
         store.store(group="hydra/sweeper/sampler", name=name, node=node, provider="vitrain")
     pruners = {"none": NopPrunerConfig, "median": MedianPrunerConfig, "hyperband": HyperbandPrunerConfig,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from vitrain.errors import first_line
 from vitrain.pruning import PRUNED, PRUNER_ATTR, pruner_spec
 
 if TYPE_CHECKING:
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DIRECTIONS = ("minimize", "maximize")
+CUT_ATTR = "cut"  # a trial's user attribute: a stop signal ended it (a continued sweep runs it again)
+RETRIED_ATTR = "vitrain.retried"  # the study's: the cut trials already queued again
 
 
 class VitrainOptunaSweeper(Sweeper):
@@ -81,18 +85,22 @@ class VitrainOptunaSweeper(Sweeper):
             write_results(study, Path(self.config.hydra.sweep.dir) / "optimization_results.yaml")
 
     def _optimize(self, study: optuna.Study, space: SearchSpace, n_trials: int) -> None:
-        """Ask for ``n_jobs`` trials, run them as one batch, tell their results; until ``n_trials`` have run."""
+        """Ask for ``n_jobs`` trials, run them as one batch, tell their results; until ``n_trials`` have run. A
+        failed trial (refused, raised) is recorded as FAIL with its reason, and the sweep goes on while the failed
+        share of this sweep's trials stays within ``max_failure_rate``."""
+        ran, failed = 0, []
         while n_trials > 0:
             trials = [study.ask(space.distributions) for _ in range(min(self.n_jobs, n_trials))]
             batch = [space.overrides(t.params) + self._trial_overrides(study, t) for t in trials]
             returns = self._launch(study, trials, batch)
             told = [tell(study, t, r, len(self.directions)) for t, r in zip(trials, returns, strict=True)]
             self.mlflow_run.record(study, [t.number for t in trials])
-            failures = [e for e in told if e is not None]
-            if len(failures) / len(returns) > self.max_failure_rate:
-                log.error("%d of %d trials failed (max_failure_rate=%s)", len(failures), len(returns),
-                          self.max_failure_rate)
-                raise failures[0]
+            ran, failed = ran + len(returns), failed + [e for e in told if e is not None]
+            if failed and len(failed) / ran > self.max_failure_rate:
+                print(f"error: {len(failed)} of {ran} trials failed, more than hydra.sweeper.max_failure_rate="
+                      f"{self.max_failure_rate} allows, the last with: {first_line(failed[-1])}; the sweep stops (the "
+                      f"failures are in the study, with their reasons)", file=sys.stderr)
+                sys.exit(1)
             n_trials -= len(trials)
 
     def _launch(self, study: optuna.Study, trials: list[optuna.Trial], batch: list[list[str]]) -> Sequence[JobReturn]:
@@ -103,8 +111,12 @@ class VitrainOptunaSweeper(Sweeper):
         try:
             self.validate_batch_is_legal(batch)
             returns = self.launcher.launch(batch, initial_job_idx=self.job_idx)
-        except Exception:
+        except BaseException as e:  # SystemExit of a trial stopped by a signal: cut, to run again on continuing
+            cut = isinstance(e, SystemExit | KeyboardInterrupt)
             for trial in trials:
+                trial.set_user_attr("fail_reason", f"stopped by a signal (exit {e.code})" if isinstance(e, SystemExit)
+                                    else "interrupted" if cut else first_line(e))
+                trial.set_user_attr(CUT_ATTR, cut)
                 _tell(study, trial, TrialState.FAIL)
             raise
         self.job_idx += len(returns)
@@ -139,7 +151,37 @@ class VitrainOptunaSweeper(Sweeper):
             raise ValueError(f"study {study.study_name} is {[d.name.lower() for d in study.directions]}, "
                              f"not {self.directions}: choose another hydra.sweeper.study_name")
         study.set_user_attr(PRUNER_ATTR, self.pruner)  # the runs build the same pruner from it
+        if study.trials:  # a continued study
+            n_trials = self._continue(study, space, n_trials)
         return study, n_trials
+
+    def _continue(self, study: optuna.Study, space: SearchSpace, n_trials: int) -> int:
+        """A continued study proposes nothing it already ran: a seeded sampler is seeded anew from the number of
+        trials already in the study (the same seed would propose trials 0, 1, ... again), a grid runs only what it
+        has not visited, and the trials a stop signal cut are queued to run first (once)."""
+        from optuna.trial import TrialState
+
+        from ._search_space import grid
+
+        done = len(study.trials)
+        seed = self.sampler.get("seed")
+        if self.sampler._target_ == "optuna.samplers.GridSampler":
+            values = grid(space.distributions)
+            visited = {tuple(sorted(t.params.items())) for t in study.trials if t.state.is_finished()}
+            left = math.prod(len(v) for v in values.values()) - len(visited)
+            log.info("continuing grid study %s: %d of its combinations left", study.study_name, max(left, 0))
+            return max(0, min(n_trials, left))
+        if seed is not None:
+            study.sampler = instantiate(self.sampler, seed=int(seed) + done)
+            log.info("continuing study %s after %d trials: sampler seed %d + %d", study.study_name, done, seed, done)
+        retried = set(study.user_attrs.get(RETRIED_ATTR, []))
+        cut = [t for t in study.trials if t.state == TrialState.FAIL and t.user_attrs.get(CUT_ATTR)
+               and t.number not in retried]
+        for t in cut:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            log.info("trial %d was cut by a stop signal: it runs again first", t.number)
+        study.set_user_attr(RETRIED_ATTR, sorted(retried | {t.number for t in cut}))
+        return n_trials
 
     def _trial_overrides(self, study: optuna.Study, trial: optuna.Trial) -> list[str]:
         """What a run needs to report to its trial, when a pruner is set (vitrain.pruning.SweepConfig), and to nest
@@ -166,7 +208,9 @@ def tell(study: optuna.Study, trial: optuna.Trial, result: JobReturn, n_objectiv
             return None
         values = _values(value, n_objectives)
     except Exception as e:
-        log.warning("trial %d failed: %s", trial.number, e)
+        reason = first_line(e)
+        log.warning("trial %d failed: %s", trial.number, reason)
+        trial.set_user_attr("fail_reason", reason)
         _tell(study, trial, TrialState.FAIL)
         return e
     log.info("trial %d finished: %s", trial.number, values[0] if n_objectives == 1 else values)

@@ -1,0 +1,125 @@
+"""What a long Optuna sweep meets: trials that are refused or fail (recorded as FAIL with their reason, the sweep
+going on), a sweep stopped by a signal and continued (the cut trial runs again, nothing is left RUNNING), a study
+continued with the same command (no parameter set repeated), several objectives, and every documented sampler and
+pruner running a real 3-trial sweep of vitrain.train on the digits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_sweeps import REPO, TINY, load_study, run_sweep
+
+pytest.importorskip("optuna")
+
+
+def sweep(path: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run_sweep(path, *overrides) if check else subprocess.run(
+        [sys.executable, "-m", "vitrain.train", "-m", "hparams_search=optuna", *overrides, f"hydra.sweep.dir={path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_refused_and_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    """A refused value (batch size 0) and a run stopped by its NaN guard (a learning rate of 1e30) are FAIL with
+    their one-line reason; the other trials complete; the sweep exits 0 within max_failure_rate=1."""
+    db = tmp_path / "study.db"
+    result = sweep(tmp_path / "s", "hydra/sweeper/sampler=grid", "hydra.sweeper.params=null",
+                   "data.batch_size=choice(720,0)", "optimizer.lr=choice(1e-3,1e30)", "hydra.sweeper.n_trials=4",
+                   "hydra.sweeper.max_failure_rate=1.0", f"hydra.sweeper.storage=sqlite:///{db}",
+                   "hydra.sweeper.study_name=faults", *TINY[1:2], *TINY[3:], "trainer.epochs=1")
+    trials = load_study(db, "faults").trials
+    by_params = {(t.params["data.batch_size"], t.params["optimizer.lr"]): t for t in trials}
+    assert len(by_params) == 4 and not [t for t in trials if t.state.name == "RUNNING"]
+    assert by_params[(720, 1e-3)].state.name == "COMPLETE"
+    for lr in (1e-3, 1e30):
+        refused = by_params[(0, lr)]
+        assert refused.state.name == "FAIL"
+        assert refused.user_attrs["fail_reason"] == "data.batch_size must be positive, got 0"
+    diverged = by_params[(720, 1e30)]
+    assert diverged.state.name == "FAIL" and "nan" in diverged.user_attrs["fail_reason"].lower()
+    assert "error: data.batch_size must be positive, got 0" in result.stderr
+
+
+def test_a_sweep_stops_at_max_failure_rate_with_its_failures_recorded(tmp_path: Path) -> None:
+    db = tmp_path / "study.db"
+    result = sweep(tmp_path / "s", "hydra/sweeper/sampler=grid", "hydra.sweeper.params=null",
+                   "data.batch_size=choice(0,-1)", "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage=sqlite:///{db}",
+                   "hydra.sweeper.study_name=faults", *TINY[:2], *TINY[3:], check=False)
+    assert result.returncode == 1
+    [trial] = load_study(db, "faults").trials
+    assert trial.state.name == "FAIL"
+    assert trial.user_attrs["fail_reason"] == f"data.batch_size must be positive, got {trial.params['data.batch_size']}"
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 of 1 trials failed, more than hydra.sweeper.max_failure_rate=0.0 allows, the "
+                           "last with: data.batch_size must be positive") and "Traceback" not in result.stderr
+
+
+def test_the_same_command_on_the_same_storage_repeats_no_trial(tmp_path: Path) -> None:
+    """hparams_search=optuna seeds its sampler (seed 0): a continued study seeds it from its trial count, so the
+    second run proposes 3 new parameter sets, not trials 0-2 again."""
+    db = tmp_path / "study.db"
+    for name in ("first", "second"):
+        run_sweep(tmp_path / name, "hydra.sweeper.n_trials=3", f"hydra.sweeper.storage=sqlite:///{db}",
+                  "hydra.sweeper.study_name=again", *TINY[1:], "trainer.epochs=1")
+    trials = load_study(db, "again").trials
+    assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
+
+
+def test_two_objectives_accuracy_and_size(tmp_path: Path) -> None:
+    """sweep.objectives: the run returns its final top-1 and its parameter count, NSGA-II keeps both."""
+    db = tmp_path / "study.db"
+    run_sweep(tmp_path / "s", "hydra/sweeper/sampler=nsgaii", "sweep.objectives=[val_top1,params]",
+              "hydra.sweeper.direction=[maximize,minimize]", "hydra.sweeper.params=null",
+              "+model.embed_dim=choice(32,64)", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage=sqlite:///{db}",
+              "hydra.sweeper.study_name=two", *TINY[1:], "trainer.epochs=1")
+    trials = load_study(db, "two").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    from vitrain.models import create_model
+
+    for t in trials:
+        embed = t.params["+model.embed_dim"]  # the key as written, with its +
+        size = sum(p.numel() for p in create_model("vit_nano_patch4_16", 10, embed_dim=embed).parameters())
+        assert t.values[1] == size and 0 <= t.values[0] <= 100
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_by_sigterm_leaves_no_running_trial_and_runs_the_cut_one_again(tmp_path: Path) -> None:
+    db = tmp_path / "study.db"
+    args = [sys.executable, "-m", "vitrain.train", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3",
+            f"hydra.sweeper.storage=sqlite:///{db}", "hydra.sweeper.study_name=cut", "trainer.epochs=20",
+            "scheduler.warmup_epochs=0", "data.batch_size=64", "trainer.progress=false"]
+    proc = subprocess.Popen([*args, f"hydra.sweep.dir={tmp_path / 'first'}"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "first" / "0" / "checkpoints" / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler signals the whole group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    cut = load_study(db, "cut").trials
+    assert [(t.state.name, t.user_attrs.get("cut")) for t in cut] == [("FAIL", True)]
+    subprocess.run([*args[:4], "hydra.sweeper.n_trials=1", *args[5:9], "trainer.epochs=1",
+                    f"hydra.sweep.dir={tmp_path / 'second'}", *args[10:]], cwd=REPO, check=True,
+                   capture_output=True, timeout=300)
+    trials = load_study(db, "cut").trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].params == cut[0].params and trials[1].user_attrs["retry_of"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["hydra/sweeper/sampler=random"], ["hydra/sweeper/sampler=cmaes"],
+                                   ["hydra/sweeper/sampler=gp"], ["hydra/sweeper/sampler=qmc"],
+                                   ["hydra/sweeper/sampler=nsgaii"], ["hydra/sweeper/pruner=median"],
+                                   ["hydra/sweeper/pruner=hyperband"], ["hydra/sweeper/pruner=successive_halving"]])
+def test_every_documented_sampler_and_pruner_runs_a_sweep(extra: list[str], tmp_path: Path) -> None:
+    db = tmp_path / "study.db"
+    run_sweep(tmp_path / "s", *extra, "hydra.sweeper.n_trials=3", f"hydra.sweeper.storage=sqlite:///{db}",
+              "hydra.sweeper.study_name=each", *TINY)
+    assert [t.state.name for t in load_study(db, "each").trials] in (
+        ["COMPLETE"] * 3, ["COMPLETE", "COMPLETE", "PRUNED"], ["COMPLETE", "PRUNED", "PRUNED"])
