@@ -88,13 +88,43 @@ def test_two_objectives_accuracy_and_size(tmp_path: Path) -> None:
         assert t.values[1] == size and 0 <= t.values[0] <= 100
 
 
+def test_a_pruner_with_an_app_that_cannot_report_is_one_line_at_the_start(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "app.yaml").write_text(
+        "defaults:\n  - override hydra/sweeper: vitrain_optuna\n  - _self_\nx: 0.0\n"
+        "hydra:\n  sweeper:\n    n_trials: 2\n    params: {x: 'choice(1.0, 2.0)'}\n")
+    (tmp_path / "app.py").write_text('import hydra\n\n\n@hydra.main(version_base="1.3", config_path="conf", '
+                                     'config_name="app")\ndef main(cfg):\n    return cfg.x\n\n\nmain()\n')
+    result = subprocess.run([sys.executable, "app.py", "-m", "hydra/sweeper/pruner=median",
+                             f"hydra.sweep.dir={tmp_path}/s"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env=os.environ | {"PYTHONPATH": str(REPO)})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: a pruner needs runs that report their epochs")
+    assert not (tmp_path / "s" / "0").exists()  # no trial ran
+
+
+@pytest.mark.parametrize(("sampler", "keys", "attribute"), [
+    ("tpe", ["multivariate=true", "constant_liar=true", "consider_endpoints=true"], ("_multivariate", True)),
+    ("cmaes", ["restart_strategy=ipop", "popsize=8", "use_separable_cma=true"], ("_popsize", 8)),
+])
+def test_the_official_sampler_keys_are_set_without_a_plus(sampler: str, keys: list[str], attribute: tuple) -> None:
+    """hydra-optuna-sweeper's sampler keys are in vitrain's configs: set as written, they reach the sampler."""
+    from hydra.utils import instantiate
+    from test_sweeps import build_sweeper
+
+    config = build_sweeper([f"hydra/sweeper/sampler={sampler}", *(f"hydra.sweeper.sampler.{k}" for k in keys)]).sampler
+    built = instantiate(config)
+    assert getattr(built, attribute[0]) == attribute[1]
+
+
 @pytest.mark.slow
 def test_a_sweep_stopped_by_sigterm_leaves_no_running_trial_and_runs_the_cut_one_again(tmp_path: Path) -> None:
     db = tmp_path / "study.db"
-    args = [sys.executable, "-m", "vitrain.train", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3",
-            f"hydra.sweeper.storage=sqlite:///{db}", "hydra.sweeper.study_name=cut", "trainer.epochs=20",
-            "scheduler.warmup_epochs=0", "data.batch_size=64", "trainer.progress=false"]
-    proc = subprocess.Popen([*args, f"hydra.sweep.dir={tmp_path / 'first'}"], cwd=REPO, stdout=subprocess.PIPE,
+    args = [sys.executable, "-m", "vitrain.train", "-m", "hparams_search=optuna",
+            f"hydra.sweeper.storage=sqlite:///{db}", "hydra.sweeper.study_name=cut", "scheduler.warmup_epochs=0",
+            "data.batch_size=64", "trainer.progress=false"]
+    proc = subprocess.Popen([*args, "hydra.sweeper.n_trials=3", "trainer.epochs=20",
+                             f"hydra.sweep.dir={tmp_path / 'first'}"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while not (tmp_path / "first" / "0" / "checkpoints" / "last.pt").exists() and time.time() < deadline:
@@ -104,9 +134,8 @@ def test_a_sweep_stopped_by_sigterm_leaves_no_running_trial_and_runs_the_cut_one
     assert proc.returncode == 143, err[-2000:]
     cut = load_study(db, "cut").trials
     assert [(t.state.name, t.user_attrs.get("cut")) for t in cut] == [("FAIL", True)]
-    subprocess.run([*args[:4], "hydra.sweeper.n_trials=1", *args[5:9], "trainer.epochs=1",
-                    f"hydra.sweep.dir={tmp_path / 'second'}", *args[10:]], cwd=REPO, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run([*args, "hydra.sweeper.n_trials=1", "trainer.epochs=1", f"hydra.sweep.dir={tmp_path / 'second'}"],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
     trials = load_study(db, "cut").trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
     assert trials[1].params == cut[0].params and trials[1].user_attrs["retry_of"] == 0

@@ -238,7 +238,8 @@ def build_sweeper(overrides: list[str]):  # -> VitrainOptunaSweeper
 
 
 @pytest.mark.parametrize(("choice", "cls"), [("tpe", "TPESampler"), ("random", "RandomSampler"),
-                                             ("cmaes", "CmaEsSampler"), ("nsgaii", "NSGAIISampler")])
+                                             ("cmaes", "CmaEsSampler"), ("nsgaii", "NSGAIISampler"),
+                                             ("gp", "GPSampler"), ("qmc", "QMCSampler")])
 def test_each_sampler_composes_with_the_searchs_seed_and_builds(choice: str, cls: str) -> None:
     from hydra.utils import instantiate
 
@@ -288,8 +289,8 @@ def test_params_grammar_gives_optunas_distributions() -> None:
     assert space.distributions == {
         "a": FloatDistribution(0.5, 1.0), "b": FloatDistribution(1e-4, 3e-3, log=True),
         "c": IntDistribution(8, 64), "d": IntDistribution(8, 256, log=True),
-        "e": IntDistribution(1, 4), "f": IntDistribution(0, 9, step=3),  # range: the stop is excluded
-        "g": FloatDistribution(0.1, 0.4, step=0.1), "h": CategoricalDistribution([0.0, 0.2, 0.8]),
+        "e": IntDistribution(1, 5), "f": IntDistribution(0, 9, step=3),  # range: up to the stop, included
+        "g": FloatDistribution(0.1, 0.5, step=0.1), "h": CategoricalDistribution([0.0, 0.2, 0.8]),
         "i": CategoricalDistribution(["adamw", "sgd"]), "j": CategoricalDistribution([1, 2, 3]),
         "+k": CategoricalDistribution([1, 2])}
     assert space.fixed == ["trainer.epochs=3"]  # passed to every trial as written
@@ -319,7 +320,8 @@ def test_the_grid_sampler_searches_every_discrete_value() -> None:
     from hydra_plugins.vitrain_optuna_sweeper._search_space import grid, parse_search_space
 
     values = grid(parse_search_space(["a=choice(x, y)", "b=range(1, 4)", "c=range(0.0, 0.3, 0.1)"]).distributions)
-    assert values["a"] == ["x", "y"] and values["b"] == [1, 2, 3] and values["c"] == pytest.approx([0.0, 0.1, 0.2])
+    assert values["a"] == ["x", "y"] and values["b"] == [1, 2, 3, 4]  # the stop included, as hydra-optuna-sweeper
+    assert values["c"] == pytest.approx([0.0, 0.1, 0.2, 0.3])
     sampler = instantiate(build_sweeper(["hydra/sweeper/sampler=grid"]).sampler, search_space=values)
     assert type(sampler).__name__ == "GridSampler"
     with pytest.raises(ValueError, match=r"grid sampler needs choice\(\) or range\(\) for d"):

@@ -3,8 +3,9 @@
 The grammar is Hydra's override syntax:
 
 - ``interval(a, b)``: a float in [a, b]; ``int(interval(a, b))``: an integer; ``tag(log, ...)``: log-uniform.
-- ``range(a, b[, step])``: Python's range (``b`` excluded), as an integer or stepped float distribution;
-  ``shuffle(range(...))``: the same values as a categorical.
+- ``range(a, b[, step])``: a to b by step, ``b`` included (as hydra-optuna-sweeper reads it; Hydra's basic
+  sweeper excludes it, as Python's range does), as an integer or stepped float distribution;
+  ``shuffle(range(...))``: a categorical of Hydra's values (``b`` excluded).
 - ``choice(x, y, ...)`` and ``x,y,...``: a categorical.
 - anything else is a fixed override, passed to every trial as written.
 
@@ -72,13 +73,14 @@ def distribution(override: Override) -> BaseDistribution:
     if "log" in value.tags:
         raise ValueError(f"{name}: tag(log, ...) applies to interval(...) only")
     if isinstance(value, RangeSweep) and not value.shuffle:
-        values = _sweep_values(override)
-        if not values:
-            raise ValueError(f"{name}: {override.get_value_string()} is empty")
-        low, high, step = min(values), max(values), abs(value.step)
-        if all(isinstance(v, int) for v in (value.start, value.stop, value.step)):
-            return IntDistribution(low, high, step=step)
-        return FloatDistribution(float(low), float(high), step=float(step))
+        start, stop, step = value.start, value.stop, value.step
+        if step <= 0 or start > stop:
+            raise ValueError(f"{name}: {override.get_value_string()} is empty (an Optuna sweep's range runs up from "
+                             f"start to stop, stop included)")
+        steps = int((stop - start) / step + 1e-9)  # the last value reached, at or below stop
+        if all(isinstance(v, int) for v in (start, stop, step)):
+            return IntDistribution(start, start + steps * step, step=step)
+        return FloatDistribution(float(start), float(start) + steps * float(step), step=float(step))
     return CategoricalDistribution([Transformer.encode(v) for v in _sweep_values(override)])
 
 

@@ -23,6 +23,14 @@ class TPESamplerConfig:
     seed: int | None = None  # the same seed (and the same results) propose the same trials
     n_startup_trials: int = 10  # random trials before TPE models the results
     n_ei_candidates: int = 24  # candidates drawn to choose each proposal from
+    multivariate: bool | None = None  # model the parameters jointly (null: Optuna's default, false)
+    group: bool = False  # with multivariate: model conditional parameter groups apart
+    constant_liar: bool = False  # with n_jobs > 1: avoid proposing near the trials still running
+    consider_prior: bool | None = None  # the keys of hydra-optuna-sweeper's TPE config (null: Optuna's default)
+    prior_weight: float | None = None
+    consider_magic_clip: bool | None = None
+    consider_endpoints: bool | None = None
+    warn_independent_sampling: bool | None = None
 
 
 @dataclass
@@ -40,6 +48,14 @@ class CmaEsSamplerConfig:
     sigma0: float | None = None  # the initial step size; null: a sixth of the search space's range
     n_startup_trials: int = 1  # random trials before CMA-ES starts
     consider_pruned_trials: bool = False  # learn from pruned trials too
+    x0: Any = None  # the initial mean, a mapping of parameter to value; null: the middle of the search space
+    restart_strategy: str | None = None  # ipop | bipop: restart with a larger population when CMA-ES converges
+    popsize: int | None = None  # the population size; null: CMA-ES's default for the dimension
+    inc_popsize: int = -1  # with a restart strategy: the factor of the population's growth (-1: Optuna's default)
+    use_separable_cma: bool = False  # a diagonal covariance: faster for many parameters
+    with_margin: bool = False  # CMA-ES with margin, for integer and discrete parameters
+    lr_adapt: bool = False  # adapt the learning rate (for multimodal or noisy objectives)
+    warn_independent_sampling: bool = True
 
 
 @dataclass
@@ -61,6 +77,7 @@ class NSGAIISamplerConfig:
     mutation_prob: float | None = None  # per parameter; null: 1 / number of parameters
     crossover_prob: float = 0.9  # the chance that a child is a crossover of two parents
     swapping_prob: float = 0.5  # the chance of taking each parameter from the other parent
+    constraints_func: Any = None  # a node with a _target_: a function of a trial returning its constraint values
 
 
 @dataclass

@@ -72,6 +72,11 @@ class VitrainOptunaSweeper(Sweeper):
         from ._mlflow_run import sweep_run
         from ._search_space import parse_search_space
 
+        if self.prunes and "sweep" not in self.config:  # the trials would be given sweep.trial=... and fail
+            print("error: a pruner needs runs that report their epochs to their trial, and this app has no `sweep` "
+                  "node (vitrain.train has one: see vitrain.pruning.SweepConfig and TrialReporter); set "
+                  "hydra/sweeper/pruner=none", file=sys.stderr)
+            sys.exit(1)
         space = parse_search_space([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
         study, n_trials = self._study(space)
         search = {"sampler": type(study.sampler).__name__, "pruner": self.pruner, "direction": self.directions,
