@@ -2,7 +2,7 @@
 command as a user runs it (``sweep.objectives=[val_top1,params]``). Prints the markdown table of docs/sweeps.md
 (every trial, the Pareto-optimal ones marked) and draws the front as a PNG.
 
-    python scripts/sweep_pareto.py       # 12 trials of 8 epochs: about 4 minutes on a 2-core CPU
+    python scripts/sweep_pareto.py       # 12 trials of 8 epochs: under 2 minutes on a 2-core CPU
     python scripts/sweep_pareto.py --trials 6 --epochs 2 --out /tmp/pareto --image /tmp/pareto/front.png
 
 The search: the width (``model.embed_dim``) and depth (``model.depth``) of the digits' ViT, with the learning rate;

@@ -4,7 +4,7 @@
 Prints the markdown table of docs/sweeps.md (best validation top-1, the test top-1 of the best trial, epochs
 trained in all, wall time) and writes Optuna's optimization-history plot of both searches as a PNG.
 
-    python scripts/sweep_pruning.py            # 20 trials of 8 epochs each way: about 8 minutes on a 2-core CPU
+    python scripts/sweep_pruning.py            # 20 trials of 8 epochs each way: 6.5 minutes on a 2-core CPU
     python scripts/sweep_pruning.py --trials 8 --epochs 4 --out /tmp/pruning --image /tmp/pruning/history.png
 
 The runs train with one thread (OMP_NUM_THREADS=1), the steadier choice on a small shared machine; the sweep

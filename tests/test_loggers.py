@@ -317,6 +317,12 @@ def test_mlflow_run_nests_under_a_parent_with_its_tags(tmp_path: Path) -> None:
     child = client.get_run(logger.run_id)
     assert child.data.tags["mlflow.parentRunId"] == parent and child.data.tags["team"] == "vision"
     assert child.data.params["optimizer.lr"] == "0.001" and child.info.status == "FINISHED"
+    assert child.data.tags["vitrain.state"] == "complete"
+    pruned = MLflowLogger(cfg.mlflow, tmp_path / "pruned")  # a trial stopped by the sweep's pruner
+    pruned.start({})
+    pruned.close("pruned")
+    run = client.get_run(pruned.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["vitrain.state"] == "pruned"
 
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

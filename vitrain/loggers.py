@@ -127,7 +127,8 @@ class Logger:
         """Continue the tracked run of a checkpoint's :meth:`state_dict` (before :meth:`start`)."""
 
     def close(self, status: str = "finished") -> None:
-        """The run is over: ``finished``, ``failed``, or ``killed`` (stopped by a signal, to be resumed)."""
+        """The run is over: ``finished``, ``failed``, ``killed`` (stopped by a signal, to be resumed), or ``pruned``
+        (stopped by a sweep's pruner)."""
 
 
 class MultiLogger(Logger):
@@ -284,5 +285,5 @@ class WandbLogger(Logger):
 
     def close(self, status: str = "finished") -> None:
         if self.run is not None:
-            self.run.finish(exit_code=0 if status == "finished" else 1)
+            self.run.finish(exit_code=0 if status in ("finished", "pruned") else 1)
             self.run = None

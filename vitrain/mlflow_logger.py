@@ -170,4 +170,6 @@ class MLflowLogger(Logger):
         self.run_id = state.get("mlflow_run_id") or self.run_id
 
     def close(self, status: str = "finished") -> None:
-        self._call("set_terminated", status.upper())
+        """A pruned trial is tagged ``vitrain.state=pruned`` and ends KILLED (MLflow has no pruned status)."""
+        self._call("set_tag", "vitrain.state", "complete" if status == "finished" else status)
+        self._call("set_terminated", "KILLED" if status == "pruned" else status.upper())

@@ -128,7 +128,7 @@ class RunLog:
                 self.logger.log_artifact(path)
         if checkpoint.is_file():
             self.logger.log_artifact(checkpoint, checkpoint=True)
-        self.logger.close("killed" if metrics.get("state") == "pruned" else "finished")
+        self.logger.close("pruned" if metrics.get("state") == "pruned" else "finished")
 
 
 def skipped_samples(loader: object) -> dict[str, int]:
