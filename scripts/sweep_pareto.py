@@ -49,8 +49,10 @@ def main() -> None:
     seconds = time.perf_counter() - start
     study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{db}")
     front = {t.number for t in study.best_trials}
-    done = sorted((t for t in study.trials if t.values), key=lambda t: t.values[1])
-    print(f"{len(done)} trials of {args.epochs} epochs, {seconds / 60:.1f} min; * = on the Pareto front\n")
+    done = sorted((t for t in study.trials if t.values and "repeat_of" not in t.user_attrs), key=lambda t: t.values[1])
+    repeats = [t.number for t in study.trials if "repeat_of" in t.user_attrs]
+    print(f"{len(done)} trials of {args.epochs} epochs, {seconds / 60:.1f} min; * = on the Pareto front; proposals "
+          f"that repeated a finished trial (recorded, not run): {repeats or 'none'}\n")
     print("| trial | embed_dim | depth | lr | parameters | val top-1 (%) | front |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for t in done:

@@ -103,6 +103,32 @@ def test_a_pruner_with_an_app_that_cannot_report_is_one_line_at_the_start(tmp_pa
     assert not (tmp_path / "s" / "0").exists()  # no trial ran
 
 
+def test_a_proposal_that_repeats_a_finished_trial_is_recorded_not_run(tmp_path: Path) -> None:
+    """Random sampling of 3 values, 3 trials: each value runs once (the app logs each run); a proposal of a value
+    already run is recorded with that trial's result and its repeat_of, and not run."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "app.yaml").write_text(
+        "defaults:\n  - override hydra/sweeper: vitrain_optuna\n  - override hydra/sweeper/sampler: random\n"
+        "  - _self_\nx: 0.0\nhydra:\n  sweeper:\n    n_trials: 3\n    direction: maximize\n"
+        f"    storage: sqlite:///{tmp_path}/study.db\n    study_name: repeats\n"
+        "    sampler: {seed: 0}\n    params: {x: 'choice(1.0, 2.0, 3.0)'}\n")
+    (tmp_path / "app.py").write_text(
+        'import hydra\n\n\n@hydra.main(version_base="1.3", config_path="conf", config_name="app")\n'
+        'def main(cfg):\n    with open("ran.txt", "a") as f:\n        f.write(f"{cfg.x}\\n")\n'
+        '    return cfg.x\n\n\nmain()\n')
+    subprocess.run([sys.executable, "app.py", "-m", f"hydra.sweep.dir={tmp_path}/s"], cwd=tmp_path, check=True,
+                   capture_output=True, timeout=120, env=os.environ | {"PYTHONPATH": str(REPO)})
+    assert sorted((tmp_path / "ran.txt").read_text().split()) == ["1.0", "2.0", "3.0"]
+    trials = load_study(tmp_path / "study.db", "repeats").trials
+    ran = {t.number: t for t in trials if "repeat_of" not in t.user_attrs}
+    assert sorted(t.params["x"] for t in ran.values()) == [1.0, 2.0, 3.0]
+    repeats = [t for t in trials if "repeat_of" in t.user_attrs]
+    assert repeats  # seed 0 proposes 3.0 twice before 1.0
+    for t in repeats:
+        earlier = ran[t.user_attrs["repeat_of"]]
+        assert t.params == earlier.params and t.values == earlier.values
+
+
 @pytest.mark.parametrize(("sampler", "keys", "attribute"), [
     ("tpe", ["multivariate=true", "constant_liar=true", "consider_endpoints=true"], ("_multivariate", True)),
     ("cmaes", ["restart_strategy=ipop", "popsize=8", "use_separable_cma=true"], ("_popsize", 8)),

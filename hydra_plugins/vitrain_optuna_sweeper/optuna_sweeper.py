@@ -95,7 +95,7 @@ class VitrainOptunaSweeper(Sweeper):
         share of this sweep's trials stays within ``max_failure_rate``."""
         ran, failed = 0, []
         while n_trials > 0:
-            trials = [study.ask(space.distributions) for _ in range(min(self.n_jobs, n_trials))]
+            trials = [self._ask(study, space) for _ in range(min(self.n_jobs, n_trials))]
             batch = [space.overrides(t.params) + self._trial_overrides(study, t) for t in trials]
             returns = self._launch(study, trials, batch)
             told = [tell(study, t, r, len(self.directions)) for t, r in zip(trials, returns, strict=True)]
@@ -107,6 +107,28 @@ class VitrainOptunaSweeper(Sweeper):
                       f"failures are in the study, with their reasons)", file=sys.stderr)
                 sys.exit(1)
             n_trials -= len(trials)
+
+    def _ask(self, study: optuna.Study, space: SearchSpace, attempts: int = 10) -> optuna.Trial:
+        """A trial whose parameters no finished trial had: a proposal that repeats one is recorded with that
+        trial's result and state (its ``repeat_of`` attribute names it), not run, and Optuna is asked again (at
+        most ``attempts`` times; a small discrete space may have nothing new left). A cut trial queued to run again
+        runs again."""
+        from optuna.trial import TrialState
+
+        for attempt in range(attempts + 1):
+            trial = study.ask(space.distributions)
+            if "retry_of" in trial.user_attrs or attempt == attempts:
+                return trial
+            finished = {_key(t.params): t for t in study.get_trials(deepcopy=False, states=(
+                TrialState.COMPLETE, TrialState.PRUNED)) if "repeat_of" not in t.user_attrs}  # the runs themselves
+            earlier = finished.get(_key(trial.params))
+            if earlier is None:
+                return trial
+            log.info("trial %d repeats trial %d's parameters: recorded with its result, not run", trial.number,
+                     earlier.number)
+            trial.set_user_attr("repeat_of", earlier.number)
+            _tell(study, trial, earlier.state, earlier.values if earlier.state == TrialState.COMPLETE else None)
+        raise AssertionError("unreachable")
 
     def _launch(self, study: optuna.Study, trials: list[optuna.Trial], batch: list[list[str]]) -> Sequence[JobReturn]:
         """Launch a batch of trials; if it cannot be launched (a bad override, a launcher's error), its trials are
@@ -221,6 +243,10 @@ def tell(study: optuna.Study, trial: optuna.Trial, result: JobReturn, n_objectiv
     log.info("trial %d finished: %s", trial.number, values[0] if n_objectives == 1 else values)
     _tell(study, trial, TrialState.COMPLETE, values)
     return None
+
+
+def _key(params: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in params.items()))
 
 
 def _values(value: Any, n_objectives: int) -> list[float]:
