@@ -129,6 +129,34 @@ def test_a_proposal_that_repeats_a_finished_trial_is_recorded_not_run(tmp_path: 
         assert t.params == earlier.params and t.values == earlier.values
 
 
+def test_the_removed_motpe_sampler_is_one_line(tmp_path: Path) -> None:
+    result = sweep(tmp_path / "s", "hydra/sweeper/sampler=motpe", *TINY, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: the motpe sampler was removed in Optuna 4, whose TPE handles several objectives itself: use "
+        "hydra/sweeper/sampler=tpe (or nsgaii)")
+    assert not (tmp_path / "s" / "0").exists()
+
+
+def test_a_custom_search_space_suggests_more_parameters_per_trial(tmp_path: Path) -> None:
+    """hydra.sweeper.custom_search_space: a function of (cfg, trial), as hydra-optuna-sweeper calls it, whose
+    suggestions reach the run as overrides."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "app.yaml").write_text(
+        "defaults:\n  - override hydra/sweeper: vitrain_optuna\n  - _self_\nx: 0.0\ny: 0.0\nhydra:\n"
+        f"  sweeper:\n    n_trials: 3\n    storage: sqlite:///{tmp_path}/study.db\n    study_name: custom\n"
+        "    custom_search_space: space.extend\n    params: {x: 'interval(0, 1)'}\n")
+    (tmp_path / "space.py").write_text("def extend(cfg, trial):\n    trial.suggest_float('y', 10.0, 20.0)\n")
+    (tmp_path / "app.py").write_text('import hydra\n\n\n@hydra.main(version_base="1.3", config_path="conf", '
+                                     'config_name="app")\ndef main(cfg):\n    return cfg.x + cfg.y\n\n\nmain()\n')
+    subprocess.run([sys.executable, "app.py", "-m", f"hydra.sweep.dir={tmp_path}/s"], cwd=tmp_path, check=True,
+                   capture_output=True, timeout=120, env=os.environ | {"PYTHONPATH": f"{REPO}:{tmp_path}"})
+    trials = load_study(tmp_path / "study.db", "custom").trials
+    assert len(trials) == 3
+    for t in trials:
+        assert 10 <= t.params["y"] <= 20 and t.value == pytest.approx(t.params["x"] + t.params["y"])
+
+
 @pytest.mark.parametrize(("sampler", "keys", "attribute"), [
     ("tpe", ["multivariate=true", "constant_liar=true", "consider_endpoints=true"], ("_multivariate", True)),
     ("cmaes", ["restart_strategy=ipop", "popsize=8", "use_separable_cma=true"], ("_popsize", 8)),

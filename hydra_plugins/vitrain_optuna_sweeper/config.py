@@ -103,6 +103,14 @@ class QMCSamplerConfig:
 
 
 @dataclass
+class MOTPESamplerConfig:
+    """Removed in Optuna 4 (hydra-optuna-sweeper still names it): a sweep with it stops in one line at the start."""
+
+    _target_: str = "optuna.samplers.MOTPESampler"
+    seed: int | None = None
+
+
+@dataclass
 class NopPrunerConfig:
     """No pruning: every trial runs all its epochs."""
 
@@ -158,6 +166,8 @@ class VitrainOptunaSweeperConf:
     study_name: str | None = None  # the study in storage; an existing one is continued; null: a new random name
     max_failure_rate: float = 0.0  # the share of a batch's trials that may fail before the sweep stops
     params: dict[str, str] | None = None  # the search space, in Hydra's override syntax (interval, range, choice)
+    custom_search_space: str | None = None  # module.function(cfg, trial), called for each trial: suggests more
+    #   parameters with trial.suggest_* (define-by-run, e.g. conditional ones), each passed to the run as key=value
 
 
 def register() -> None:
@@ -166,7 +176,7 @@ def register() -> None:
     store.store(group="hydra/sweeper", name="vitrain_optuna", node=VitrainOptunaSweeperConf, provider="vitrain")
     samplers = {"tpe": TPESamplerConfig, "random": RandomSamplerConfig, "cmaes": CmaEsSamplerConfig,
                 "grid": GridSamplerConfig, "nsgaii": NSGAIISamplerConfig, "gp": GPSamplerConfig,
-                "qmc": QMCSamplerConfig}
+                "qmc": QMCSamplerConfig, "motpe": MOTPESamplerConfig}
     for name, node in samplers.items():
         store.store(group="hydra/sweeper/sampler", name=name, node=node, provider="vitrain")
     pruners = {"none": NopPrunerConfig, "median": MedianPrunerConfig, "hyperband": HyperbandPrunerConfig,

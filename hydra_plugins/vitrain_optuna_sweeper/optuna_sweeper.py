@@ -22,7 +22,7 @@ from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vitrain.errors import first_line
@@ -44,7 +44,7 @@ class VitrainOptunaSweeper(Sweeper):
 
     def __init__(self, sampler: DictConfig, pruner: DictConfig | str, direction: str | Sequence[str],
                  n_trials: int, n_jobs: int, storage: str | None, study_name: str | None,
-                 max_failure_rate: float, params: DictConfig | None) -> None:
+                 max_failure_rate: float, params: DictConfig | None, custom_search_space: str | None = None) -> None:
         self.directions = [direction] if isinstance(direction, str) else list(direction)
         if not self.directions or any(d not in DIRECTIONS for d in self.directions):
             raise ValueError(f"hydra.sweeper.direction must be minimize, maximize or a list of them, got {direction}")
@@ -60,6 +60,7 @@ class VitrainOptunaSweeper(Sweeper):
         self.sampler, self.n_trials, self.n_jobs = sampler, n_trials, n_jobs
         self.storage, self.study_name, self.max_failure_rate = storage, study_name, max_failure_rate
         self.params = {} if params is None else {str(k): str(v) for k, v in params.items()}
+        self.custom_search_space = custom_search_space
         self.job_idx = 0
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -117,6 +118,8 @@ class VitrainOptunaSweeper(Sweeper):
 
         for attempt in range(attempts + 1):
             trial = study.ask(space.distributions)
+            if self.custom_search_space:  # the official plugin's define-by-run hook: more trial.suggest_* calls
+                get_method(self.custom_search_space)(self.config, trial)
             if "retry_of" in trial.user_attrs or attempt == attempts:
                 return trial
             finished = {_key(t.params): t for t in study.get_trials(deepcopy=False, states=(
@@ -163,6 +166,10 @@ class VitrainOptunaSweeper(Sweeper):
         from ._search_space import grid
 
         n_trials = self.n_trials
+        if self.sampler._target_ == "optuna.samplers.MOTPESampler":
+            print("error: the motpe sampler was removed in Optuna 4, whose TPE handles several objectives itself: "
+                  "use hydra/sweeper/sampler=tpe (or nsgaii)", file=sys.stderr)
+            sys.exit(1)
         if self.sampler._target_ == "optuna.samplers.GridSampler":
             values = grid(space.distributions)
             sampler = instantiate(self.sampler, search_space=values)
