@@ -190,3 +190,17 @@ def test_evaluate_at_the_weights_test_size_on_request(run: tuple[Path, dict], tm
     assert evaluate_checkpoint(checkpoint, batch_size=128)["img_size"] == 16  # the default: as it trained
     assert evaluate_checkpoint(checkpoint, img_size=32, batch_size=128)["img_size"] == 32
     assert (checkpoint.parent / "eval_best_32.json").is_file()
+
+
+@pytest.mark.parametrize(("arg", "message"), [
+    ("batch_size=0", "error: batch_size must be at least 1, got 0"),
+    ("device=tpu", "error: device=tpu is not a device PyTorch knows; use auto, cpu, cuda or cuda:N"),
+])
+def test_evaluate_refuses_a_bad_value_in_one_line(run: tuple[Path, dict], tmp_path: Path, arg: str,
+                                                   message: str) -> None:
+    checkpoints, _ = run
+    result = subprocess.run([sys.executable, "-m", "vitrain.evaluate", f"checkpoint={checkpoints / 'last.pt'}", arg],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [message + result.stderr.strip().removeprefix(message)]
+    assert result.stderr.startswith(message)

@@ -73,6 +73,8 @@ BAD_INPUT = [  # one case per kind of bad input: the one-line message each gets
     (["data=imagefolder", "data.root={broken_images}"], "error: cannot read image {broken_images}/train/"),
     (["experiment=digits_distill", "distill.teacher.checkpoint={teacher_3_classes}"],
      "error: the teacher checkpoint {teacher_3_classes} has a classifier for another number of classes"),
+    (["trainer.resume={resume_3_classes}"], "error: trainer.resume: {resume_3_classes} does not fit this model: "
+                                            "head.weight is (3, 64) in the checkpoint, (10, 64) in the model"),
 ]
 
 
@@ -103,9 +105,11 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (root / "images" / "train" / "a" / "1.png").write_bytes(b"not a png")
     teacher = create_model("resnet18", num_classes=3, source="timm")
     torch.save(teacher.state_dict(), root / "teacher3.pth")
+    torch.save({"model": create_model("vit_nano_patch4_16", 3).state_dict(), "step": 1}, root / "resume3.pt")
     return {"vit_tiny": str(root / "vit_tiny.pth"), "corrupt": str(root / "corrupt.pt"),
             "malicious": str(root / "malicious.pt"), "broken_images": str(root / "images"),
-            "teacher_3_classes": str(root / "teacher3.pth"), "pwned": str(root / "pwned")}
+            "teacher_3_classes": str(root / "teacher3.pth"), "pwned": str(root / "pwned"),
+            "resume_3_classes": str(root / "resume3.pt")}
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +152,9 @@ CHECKED_BEFORE_DATA = [  # each refused in one line before the data set is read 
     (["model.name=vit_smal_patch16_224"], "error: unknown model 'vit_smal_patch16_224' (model.name); "
                                           "did you mean vit_small_patch16_224"),
     (["model=timm", "model.name=resnt18"], "error: unknown timm model 'resnt18' (model.name); did you mean resnet18"),
-    (["trainer.resume={missing}"], "error: trainer.resume={missing}: no such file; give a last.pt, or "
-                                   "trainer.resume=auto"),
+    (["trainer.resume={missing}"], "error: trainer.resume={missing}: no such file; give a last.pt (or an FSDP2 "
+                                   "run's last.dcp), or trainer.resume=auto"),
+    (["trainer.device=tpu"], "error: trainer.device=tpu is not a device PyTorch knows; use auto, cpu, cuda or cuda:N"),
     (["+trainer.epoch=3"], "error: unknown key trainer.epoch; did you mean trainer.epochs?"),
     (["trainer.epoch=3"], "error: unknown key trainer.epoch; did you mean trainer.epochs?"),
     (["+model.deptj=6"], "error: unknown key model.deptj: not an argument of vit_nano_patch4_16; "

@@ -81,8 +81,10 @@ class TrainConfig:
         refuse_with_fsdp(self.trainer.strategy, self.trainer.compile, self.model.lora.rank > 0,
                          self.trainer.unfreeze_after_epochs is not None)
         resume = self.trainer.resume
-        if resume and resume != "auto" and not Path(resume).is_file():  # find_resume_checkpoint's check, before data
-            raise ConfigError(f"trainer.resume={resume}: no such file; give a last.pt, or trainer.resume=auto")
+        if resume and resume != "auto":  # find_resume_checkpoint's check of a path, before any data is read
+            from vitrain.checkpoint import find_resume_checkpoint
+
+            find_resume_checkpoint(resume, Path("."))
 
 
     def _note_two_heads_without_teacher(self) -> None:
@@ -120,6 +122,10 @@ class EvaluateConfig:
     output: str | None = None  # the JSON to write; null: eval_<checkpoint name>[_<data set>][_<size>].json beside it
     img_size: Any = None  # null: the size it trained at | test: its weights' test size (timm's test_input_size) |
     #   N: that size (position tables resampled); a size other than the training one is named in the output file
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
 @dataclass

@@ -84,13 +84,18 @@ def first_host(nodelist: str) -> str:
     return prefix + (re.split(r"[-,]", ranges)[0] if ranges else "")
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU."""
+def resolve_device(device: str = "auto", key: str = "trainer.device") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; a device PyTorch does not know is a one-line error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={device} but no CUDA device is visible; use trainer.device=auto or cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"{key}={device} is not a device PyTorch knows; use auto, cpu, cuda or cuda:N (or mps)") \
+            from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={device} but no CUDA device is visible; use {key}=auto or cpu")
+    return resolved
 
 
 def launcher() -> str:

@@ -81,7 +81,7 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "auto",
     (:meth:`TrainedModel.merged`: the plain model). ``img_size``: the size it trained at (None), ``test`` (the
     test size its weights' source gives, timm's ``test_input_size``), or a number: the model is rebuilt at that
     size and its position tables resampled, and the transform resizes to it."""
-    device = resolve_device(device) if isinstance(device, str) else device
+    device = resolve_device(device, key="device") if isinstance(device, str) else device
     state = load_training_checkpoint(checkpoint)
     lora = ((state.get("config") or {}).get("model") or {}).get("lora")
     lora = dict(lora) if lora and lora.get("rank", 0) > 0 else None

@@ -27,7 +27,7 @@ from vitrain.checkpoint import (
     write_checkpoints,
     write_text,
 )
-from vitrain.errors import Preempted
+from vitrain.errors import ConfigError, Preempted
 from vitrain.parallel import (
     full_model_state,
     full_optimizer_state,
@@ -59,6 +59,17 @@ class TrainState:
     def next_epoch(self) -> None:
         """The epoch is trained, validated and about to be saved: the next one starts at its first batch."""
         self.epoch, self.batch_in_epoch, self.epoch_loss, self.skipped_in_epoch = self.epoch + 1, 0, 0.0, 0
+
+
+def check_fits(weights: dict[str, Any], model: Any, path: Path) -> None:
+    """A checkpoint to resume from has the model's shapes: else one line naming the first tensor and both shapes."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # an FSDP2 shard's .shape is the whole one's
+    for key, value in weights.items():
+        if key in own and tuple(value.shape) != own[key]:
+            raise ConfigError(f"trainer.resume: {path} does not fit this model: {key} is {tuple(value.shape)} in the "
+                              f"checkpoint, {own[key]} in the model; resume with the model and data it was written "
+                              f"with (its number of classes), or start a new run from its weights with "
+                              f"model.checkpoint={path}")
 
 
 class SavesState:
@@ -93,6 +104,7 @@ class SavesState:
         else:
             state = load_checkpoint(path, map_location=self.device)
             check_resume_position(state, global_batch)
+            check_fits(state.get("model", {}), self.model, path)
             self.load_weights(state)
         self.load_rest(state)
         log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch + 1, self.state.step)

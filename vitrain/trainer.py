@@ -89,6 +89,8 @@ class TrainerConfig:
         if self.channels_last not in ("auto", True, False):
             raise ConfigError(f"trainer.channels_last must be auto, true or false, got {self.channels_last}")
         check_strategy(self.strategy, self.dist_backend, self.precision, bool(self.histograms_every or self.log_images))
+        if self.device != "auto":
+            resolve_device(self.device)  # unknown, or CUDA where there is none: one line before any data is read
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"trainer.grad_clip must be positive (or null to disable), got {self.grad_clip}")
         if not 0 < self.ema_decay < 1:
