@@ -146,6 +146,7 @@ def test_a_failed_background_save_is_raised_at_the_next_wait_and_the_old_files_s
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 3
 
 
+@pytest.mark.slow
 def test_a_run_saved_in_the_background_equals_one_saved_in_place(tmp_path: Path) -> None:
     """trainer.async_save=true (the default) and false: the same checkpoints, tensor for tensor."""
     args = ["trainer.epochs=2", "trainer.progress=false", "logger=[]", "data.batch_size=64",

@@ -69,8 +69,8 @@ def test_timm_models_at_any_size_and_with_any_key_pass() -> None:
 
 def test_resume_from_a_missing_file_is_refused(tmp_path: Path) -> None:
     missing = tmp_path / "last.pt"
-    assert refused([f"trainer.resume={missing}"]) == (f"trainer.resume={missing}: no such file; give a last.pt, "
-                                                      f"or trainer.resume=auto")
+    assert refused([f"trainer.resume={missing}"]) == (f"trainer.resume={missing}: no such file; give a last.pt (or "
+                                                      f"an FSDP2 run's last.dcp), or trainer.resume=auto")
     missing.write_bytes(b"")
     assert to_config(compose([f"trainer.resume={missing}"])).trainer.resume == str(missing)
     assert to_config(compose(["trainer.resume=auto"])).trainer.resume == "auto"

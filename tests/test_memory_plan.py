@@ -55,6 +55,7 @@ def mp():  # noqa: ANN201
         sys.path.remove(str(SCRIPTS))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_the_measured_activations_are_what_a_real_forward_holds(checkpointing: bool) -> None:
     """ViT-S/16 at batch 16 on the CPU: the memory a forward pass leaves held for the backward is the plan's figure

@@ -45,6 +45,7 @@ def test_refused_and_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path:
     assert "error: data.batch_size must be positive, got 0" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_sweep_stops_at_max_failure_rate_with_its_failures_recorded(tmp_path: Path) -> None:
     db = tmp_path / "study.db"
     result = sweep(tmp_path / "s", "hydra/sweeper/sampler=grid", "hydra.sweeper.params=null",
@@ -59,6 +60,7 @@ def test_a_sweep_stops_at_max_failure_rate_with_its_failures_recorded(tmp_path: 
                            "last with: data.batch_size must be positive") and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_the_same_command_on_the_same_storage_repeats_no_trial(tmp_path: Path) -> None:
     """hparams_search=optuna seeds its sampler (seed 0): a continued study seeds it from its trial count, so the
     second run proposes 3 new parameter sets, not trials 0-2 again."""
@@ -71,6 +73,7 @@ def test_the_same_command_on_the_same_storage_repeats_no_trial(tmp_path: Path) -
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
 
 
+@pytest.mark.slow
 def test_two_objectives_accuracy_and_size(tmp_path: Path) -> None:
     """sweep.objectives: the run returns its final top-1 and its parameter count, NSGA-II keeps both."""
     db = tmp_path / "study.db"
@@ -103,6 +106,7 @@ def test_a_pruner_with_an_app_that_cannot_report_is_one_line_at_the_start(tmp_pa
     assert not (tmp_path / "s" / "0").exists()  # no trial ran
 
 
+@pytest.mark.slow
 def test_a_proposal_that_repeats_a_finished_trial_is_recorded_not_run(tmp_path: Path) -> None:
     """Random sampling of 3 values, 3 trials: each value runs once (the app logs each run); a proposal of a value
     already run is recorded with that trial's result and its repeat_of, and not run."""
@@ -129,6 +133,7 @@ def test_a_proposal_that_repeats_a_finished_trial_is_recorded_not_run(tmp_path: 
         assert t.params == earlier.params and t.values == earlier.values
 
 
+@pytest.mark.slow
 def test_the_removed_motpe_sampler_is_one_line(tmp_path: Path) -> None:
     result = sweep(tmp_path / "s", "hydra/sweeper/sampler=motpe", *TINY, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -138,6 +143,7 @@ def test_the_removed_motpe_sampler_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "s" / "0").exists()
 
 
+@pytest.mark.slow
 def test_a_custom_search_space_suggests_more_parameters_per_trial(tmp_path: Path) -> None:
     """hydra.sweeper.custom_search_space: a function of (cfg, trial), as hydra-optuna-sweeper calls it, whose
     suggestions reach the run as overrides."""

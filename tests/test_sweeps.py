@@ -122,6 +122,7 @@ def test_the_study_in_storage_holds_every_trial(optuna_sweep: Path) -> None:
     assert yaml.safe_load((optuna_sweep / "optimization_results.yaml").read_text())["study_name"] == "digits"
 
 
+@pytest.mark.slow
 def test_a_resumed_study_continues_its_trial_numbers(optuna_sweep: Path, tmp_path: Path) -> None:
     """The same storage and study name, more trials: Optuna numbers them on from where the study stopped."""
     db = tmp_path / "study.db"
