@@ -87,6 +87,25 @@ def test_a_file_list_and_hf_data_hold_the_images_of_their_folder(photos: Path, t
         assert fingerprints(hf_train) == expected, path
 
 
+def test_hf_data_with_string_labels_trains_with_its_sorted_names(photos: Path, tmp_path: Path) -> None:
+    """A label column of strings (no ClassLabel feature): the class names are the training split's, sorted, as an
+    image folder's; a validation label no training row has is one line naming it."""
+    datasets = pytest.importorskip("datasets")
+    images = [p for c in CLASSES for p in sorted((photos / "train" / c).glob("*.jpg"))]
+    table = datasets.Dataset.from_dict({"image": [str(p) for p in images], "label": [p.parent.name for p in images]},
+                                       features=datasets.Features({"image": datasets.Image(),
+                                                                   "label": datasets.Value("string")}))
+    odd = datasets.Dataset.from_dict({"image": [str(images[0])], "label": ["zebra"]}, features=table.features)
+    datasets.DatasetDict({"train": table, "validation": table}).save_to_disk(str(tmp_path / "strings"))
+    hf_train, hf_val, names = load_hf(str(tmp_path / "strings"), "train", None, "image", "label")
+    assert names == sorted(CLASSES) and hf_val is not None
+    hf_train.transform = pil_to_tensor
+    assert fingerprints(hf_train) == folder_pairs(photos / "train")  # the folder's labels: its sorted class names
+    datasets.DatasetDict({"train": table, "validation": odd}).save_to_disk(str(tmp_path / "odd"))
+    with pytest.raises(DataError, match="row 0 of the Hugging Face data has label 'zebra', which no training row has"):
+        load_hf(str(tmp_path / "odd"), "train", None, "image", "label")
+
+
 def test_one_folder_is_split_by_val_fraction(ids: Path) -> None:
     with pytest.raises(ConfigError, match="val_fraction"):
         build_datasets(DataConfig(name="imagefolder", root=str(ids / "folder/train"), **FLAT), 16)

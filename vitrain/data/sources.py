@@ -224,10 +224,19 @@ class HFImages(SkipUnreadable):
     ``max_pixels`` as :class:`FileList`'s."""
 
     def __init__(self, table: Any, image_column: str, label_column: str, classes: list[str],
-                 skip_corrupt: bool = False, max_pixels: int | None = MAX_IMAGE_PIXELS) -> None:
+                 skip_corrupt: bool = False, max_pixels: int | None = MAX_IMAGE_PIXELS,
+                 by_name: bool = False) -> None:
         self.table, self.image_column, self.classes, self.transform = table, image_column, classes, None
         self.skip_corrupt, self.max_pixels = skip_corrupt, max_pixels
-        self.labels = torch.as_tensor(table[label_column], dtype=torch.long)
+        raw = table[label_column]
+        if by_name:  # string labels: their index among the class names (sorted, as an image folder's)
+            index = {name: i for i, name in enumerate(classes)}
+            unknown = next((row for row, name in enumerate(raw) if name not in index), None)
+            if unknown is not None:
+                raise DataError(f"row {unknown} of the Hugging Face data has label '{raw[unknown]}', which no "
+                                f"training row has; fix data.label_column='{label_column}' or the data")
+            raw = [index[name] for name in raw]
+        self.labels = torch.as_tensor(raw, dtype=torch.long)
         self.rows = torch.arange(len(self.labels))  # the table rows kept (keep())
         outside = ((self.labels < 0) | (self.labels >= len(classes))).nonzero()
         if len(outside):
@@ -297,8 +306,14 @@ def load_hf(path: str, train_split: str, val_split: str | None, image_column: st
                               f"{', '.join(table.column_names)}")
     feature = table.features[label_column]
     is_class_label = hasattr(feature, "names")
-    names = list(feature.names) if is_class_label else [str(c) for c in range(max(table[label_column]) + 1)]
-    reading = dict(skip_corrupt=skip_corrupt, max_pixels=max_pixels)
+    by_name = not is_class_label and getattr(feature, "dtype", "") in ("string", "large_string")
+    if is_class_label:
+        names = list(feature.names)
+    elif by_name:  # string labels: the class names are the training split's, sorted (as an image folder's)
+        names = sorted(set(table[label_column]))
+    else:
+        names = [str(c) for c in range(max(table[label_column]) + 1)]
+    reading = dict(skip_corrupt=skip_corrupt, max_pixels=max_pixels, by_name=by_name)
     train = HFImages(table, image_column, label_column, names, **reading)
     val = None if val_split is None else HFImages(splits[val_split], image_column, label_column, names, **reading)
     return train, val, names
