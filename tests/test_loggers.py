@@ -268,6 +268,8 @@ def test_mlflow_server_gets_params_metrics_and_artifacts(mlflow_server: str, tmp
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/grad_norm")] == [1, 2]
     assert run.data.metrics["final/val_top1"] == pytest.approx(metrics["val_top1"])
     assert run.data.metrics["val/top1"] == pytest.approx(metrics["final_top1"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [  # epochs, from 1
+        r["epoch"] for r in metrics["history"]]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "config.yaml", "checkpoints", "train"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]

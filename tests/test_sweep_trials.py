@@ -24,6 +24,7 @@ def sweep(path: Path, *overrides: str, check: bool = True) -> subprocess.Complet
         cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_refused_and_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     """A refused value (batch size 0) and a run stopped by its NaN guard (a learning rate of 1e30) are FAIL with
     their one-line reason; the other trials complete; the sweep exits 0 within max_failure_rate=1."""
@@ -141,6 +142,26 @@ def test_the_removed_motpe_sampler_is_one_line(tmp_path: Path) -> None:
         "error: the motpe sampler was removed in Optuna 4, whose TPE handles several objectives itself: use "
         "hydra/sweeper/sampler=tpe (or nsgaii)")
     assert not (tmp_path / "s" / "0").exists()
+
+
+@pytest.mark.slow
+def test_a_continued_grid_runs_what_is_left_of_it_and_stops(tmp_path: Path) -> None:
+    """A grid of 3 points: 2 trials, then the same command with n_trials=5 runs the 1 point left, and stops."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "app.yaml").write_text(
+        "defaults:\n  - override hydra/sweeper: vitrain_optuna\n  - override hydra/sweeper/sampler: grid\n"
+        "  - _self_\nx: 0.0\nhydra:\n  sweeper:\n    direction: maximize\n"
+        f"    storage: sqlite:///{tmp_path}/study.db\n    study_name: grid\n"
+        "    params: {x: 'choice(1.0, 2.0, 3.0)'}\n")
+    (tmp_path / "app.py").write_text('import hydra\n\n\n@hydra.main(version_base="1.3", config_path="conf", '
+                                     'config_name="app")\ndef main(cfg):\n    return cfg.x\n\n\nmain()\n')
+    for n, folder in ((2, "first"), (5, "second")):
+        subprocess.run([sys.executable, "app.py", "-m", f"hydra.sweeper.n_trials={n}",
+                        f"hydra.sweep.dir={tmp_path}/{folder}"], cwd=tmp_path, check=True, capture_output=True,
+                       timeout=120, env=os.environ | {"PYTHONPATH": str(REPO)})
+    trials = load_study(tmp_path / "study.db", "grid").trials
+    assert sorted(t.params["x"] for t in trials) == [1.0, 2.0, 3.0]
+    assert sorted(p.name for p in (tmp_path / "second").iterdir() if p.is_dir()) == ["0"]  # the one point left
 
 
 @pytest.mark.slow

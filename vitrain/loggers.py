@@ -101,6 +101,11 @@ class Logger:
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         """Scalars by tag (``train/loss``, ``val/top1``) at an optimizer step."""
 
+    def log_epoch(self, scalars: dict[str, float], step: int, epoch: int) -> None:
+        """An epoch's scalars (validation, epoch loss): at the optimizer step, where a backend has one axis for all;
+        a backend whose runs are browsed epoch by epoch (MLflow) takes the epoch (1-based) as their step."""
+        self.log_scalars(scalars, step)
+
     def log_text(self, tag: str, text: str, step: int) -> None:
         """A text (the config's YAML); ``tag`` is also its file name where a backend stores files."""
 
@@ -146,6 +151,9 @@ class MultiLogger(Logger):
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         self._each("log_scalars", scalars, step)
+
+    def log_epoch(self, scalars: dict[str, float], step: int, epoch: int) -> None:
+        self._each("log_epoch", scalars, step, epoch)
 
     def log_text(self, tag: str, text: str, step: int) -> None:
         self._each("log_text", tag, text, step)

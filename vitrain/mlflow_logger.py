@@ -148,6 +148,9 @@ class MLflowLogger(Logger):
         now = int(time.time() * 1000)
         self._call("log_batch", metrics=[Metric(k, float(v), now, step) for k, v in scalars.items()])
 
+    def log_epoch(self, scalars: dict[str, float], step: int, epoch: int) -> None:
+        self.log_scalars(scalars, epoch)  # per-epoch metrics at epoch steps; per-step ones keep optimizer steps
+
     def log_text(self, tag: str, text: str, step: int) -> None:
         self._call("log_text", text, tag)
 

@@ -98,7 +98,7 @@ class RunLog:
 
     def epoch(self, row: dict[str, float], step: int) -> None:
         """An epoch's scalars (its row of the history), written out at once."""
-        self.logger.log_scalars({tag: row[key] for tag, key in EPOCH_TAGS.items() if key in row}, step)
+        self.logger.log_epoch({tag: row[key] for tag, key in EPOCH_TAGS.items() if key in row}, step, int(row["epoch"]))
         self.logger.flush()
 
     def eta(self, epoch: int) -> str:
