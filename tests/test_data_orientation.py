@@ -217,8 +217,8 @@ def test_predict_gives_the_upright_contents_class(halves_model: Path, tmp_path: 
                          capture_output=True, text=True, timeout=300, cwd=cwd)
     assert cli.returncode == 0, cli.stderr
     assert f"{tmp_path / 'in' / 'top6.jpg'}: top " in cli.stdout
-    written = halves_model.parent.parent / "predictions" / "top6.json"
-    assert json.loads(written.read_text())[0]["top"][0]["class"] == "top"
+    written = halves_model.parent.parent / "predictions" / f"top6.{halves_model.name}.json"
+    assert json.loads(written.read_text())["predictions"][0]["top"][0]["class"] == "top"
     assert list(cwd.iterdir()) == []  # nothing in the working folder
 
 

@@ -71,7 +71,16 @@ def test_cli_evaluate_and_predict(run: tuple[Path, dict], tmp_path: Path) -> Non
                          f"inputs={tmp_path / 'blank.png'}", f"output={tmp_path / 'pr.json'}"],
                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert pr.returncode == 0, pr.stderr
-    assert len(json.loads((tmp_path / "pr.json").read_text())[0]["top"]) == 5
+    written = json.loads((tmp_path / "pr.json").read_text())
+    assert written["checkpoint"] == str(checkpoints / "best.pt") and len(written["class_names"]) == 10
+    assert written["preprocess"]["img_size"] == 16 and len(written["predictions"][0]["top"]) == 5
+    as_csv = subprocess.run([sys.executable, "-m", "vitrain.predict", f"checkpoint={checkpoints / 'best.pt'}",
+                                f"inputs={tmp_path / 'blank.png'}", "format=csv", "topk=2"],
+                               capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert as_csv.returncode == 0, as_csv.stderr
+    rows = (checkpoints.parent / "predictions" / "blank.best.pt.csv").read_text().splitlines()
+    assert rows[0] == "image,class_1,probability_1,class_2,probability_2" and len(rows) == 2
+    assert rows[1].startswith(f"{tmp_path / 'blank.png'},")
 
 
 @pytest.mark.slow
@@ -94,7 +103,8 @@ def test_the_commands_write_nothing_into_the_working_folder(run: tuple[Path, dic
         assert sorted(p.name for p in cwd.rglob("*")) == [], entry
     run_dir = checkpoints.parent
     assert (checkpoints / "eval_best.json").is_file() and (checkpoints / "best.safetensors").is_file()
-    assert (run_dir / "predictions" / "digit.json").is_file() and list((run_dir / "visualize").glob("digit_*.png"))
+    assert (run_dir / "predictions" / "digit.best.pt.json").is_file()
+    assert list((run_dir / "visualize").glob("digit_*.png"))
 
 
 def write_digit_folder(root: Path, start: int) -> Path:

@@ -128,5 +128,5 @@ def test_the_laptop_path_trains_and_predicts_within_five_minutes(tmp_path: Path)
     assert elapsed < 300, f"{elapsed:.0f} s"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["best_top1"] > 60  # colours that random features still separate
-    (prediction,) = json.loads((tmp_path / "predictions.json").read_text())
+    (prediction,) = json.loads((tmp_path / "predictions.json").read_text())["predictions"]
     assert prediction["top"][0]["class"] == "class_1"  # a green photo, stored as an upper-case .JPG

@@ -1,3 +1,3 @@
 """vitrain: config-driven training of Vision Transformers."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -137,7 +137,12 @@ class PredictConfig:
     topk: int = 5  # how many classes to list per image
     ema: bool = False  # use the checkpoint's EMA weights (when it has them)
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
-    output: str | None = None  # the JSON to write; null: <run>/predictions/<inputs name>.json
+    output: str | None = None  # the file to write; null: <run>/predictions/<inputs name>.<checkpoint name>.<format>
+    format: str = "json"  # json (the checkpoint, preprocessing, class names and predictions) | csv (a row per image)
+
+    def __post_init__(self) -> None:
+        if self.format not in ("json", "csv"):
+            raise ConfigError(f"unknown format '{self.format}'; choose json or csv")
 
 
 @dataclass

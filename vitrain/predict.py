@@ -3,12 +3,16 @@
 The preprocessing is the evaluation transform saved with the checkpoint (resize and crop of its crop_mode,
 normalisation), and the labels are the class names stored in it. ``checkpoint`` may also be an ONNX file
 from ``python -m vitrain.export format=onnx``: onnxruntime runs it, preprocessed as its metadata says. Each image is
-turned upright as its EXIF orientation says, as in training. The JSON goes where ``output`` says, or to
-``<run>/predictions/<inputs name>.json`` beside the checkpoint's run folder.
+turned upright as its EXIF orientation says, as in training. The file goes where ``output`` says, or to
+``<run>/predictions/<inputs name>.<checkpoint name>.json`` (``.csv``) beside the checkpoint's run folder, so that
+predictions of the same images by ``best.pt`` and ``best.onnx`` keep their own files. The JSON records the
+checkpoint, its preprocessing and class names beside the predictions; ``format=csv`` writes one row per image
+(``image,class_1,probability_1,...``), as timm's inference script does.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -43,7 +47,11 @@ def predict(checkpoint: str | Path, inputs: str | Path, topk: int = 5, device: s
             use_ema: bool = False) -> list[dict[str, Any]]:
     """For every image: the ``topk`` (class name, probability) pairs, most likely first. ``checkpoint``: a
     training checkpoint or an exported ``.onnx`` file (which holds one set of weights: ``use_ema`` is moot)."""
-    trained = load_for_inference(checkpoint, device)
+    return predict_with(load_for_inference(checkpoint, device), inputs, topk, use_ema)
+
+
+def predict_with(trained: Any, inputs: str | Path, topk: int = 5, use_ema: bool = False) -> list[dict[str, Any]]:
+    """:func:`predict` with a loaded model (:func:`vitrain.inference.load_for_inference`)."""
     model, names = trained.pick(use_ema), trained.class_names
     results = []
     for path in image_files(inputs):
@@ -55,10 +63,28 @@ def predict(checkpoint: str | Path, inputs: str | Path, topk: int = 5, device: s
     return results
 
 
-def default_output(checkpoint: str | Path, inputs: str | Path) -> Path:
-    """``<run>/predictions/<inputs name>.json``: beside the checkpoint's run folder, as visualize's figures."""
+def default_output(checkpoint: str | Path, inputs: str | Path, fmt: str = "json") -> Path:
+    """``<run>/predictions/<inputs name>.<checkpoint name>.<fmt>``: beside the checkpoint's run folder, as
+    visualize's figures; named after the checkpoint too, so that ``best.pt`` and ``best.onnx`` keep their own."""
     inputs = Path(inputs).resolve()
-    return run_folder(checkpoint) / "predictions" / f"{inputs.stem if inputs.is_file() else inputs.name}.json"
+    name = inputs.stem if inputs.is_file() else inputs.name
+    return run_folder(checkpoint) / "predictions" / f"{name}.{Path(checkpoint).name}.{fmt}"
+
+
+def write_predictions(results: list[dict[str, Any]], output: Path, fmt: str, checkpoint: str | Path,
+                      trained: Any) -> None:
+    """JSON: the checkpoint, its preprocessing and class names, and the predictions; CSV: a row per image."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "csv":
+        k = max((len(r["top"]) for r in results), default=0)
+        with open(output, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", *(f"{c}_{i}" for i in range(1, k + 1) for c in ("class", "probability"))])
+            for r in results:
+                writer.writerow([r["image"], *(v for t in r["top"] for v in (t["class"], f"{t['probability']:.6f}"))])
+        return
+    output.write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve()), "preprocess": trained.preprocess,
+                                  "class_names": list(trained.class_names), "predictions": results}, indent=2))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
@@ -67,10 +93,10 @@ def hydra_main(cfg: DictConfig) -> None:
 
     def run() -> None:
         c = to_config(cfg, PredictConfig)
-        results = predict(c.checkpoint, c.inputs, c.topk, c.device, c.ema)
-        output = Path(c.output) if c.output else default_output(c.checkpoint, c.inputs)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=2))
+        trained = load_for_inference(c.checkpoint, c.device)
+        results = predict_with(trained, c.inputs, c.topk, c.ema)
+        output = Path(c.output) if c.output else default_output(c.checkpoint, c.inputs, c.format)
+        write_predictions(results, output, c.format, c.checkpoint, trained)
         for r in results:
             print(f"{r['image']}: " + "  ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
         print(f"({len(results)} images; {output})")
