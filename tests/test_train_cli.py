@@ -155,6 +155,10 @@ CHECKED_BEFORE_DATA = [  # each refused in one line before the data set is read 
     (["trainer.resume={missing}"], "error: trainer.resume={missing}: no such file; give a last.pt (or an FSDP2 "
                                    "run's last.dcp), or trainer.resume=auto"),
     (["trainer.device=tpu"], "error: trainer.device=tpu is not a device PyTorch knows; use auto, cpu, cuda or cuda:N"),
+    (["model=vit_nanoo"], "error: unknown model 'vit_nanoo'; did you mean vit_nano? choose from deit, "),
+    (["data=imagenett"], "error: unknown data 'imagenett'; did you mean imagefolder? choose from cifar10, "),
+    (["optimizer=adamz"], "error: unknown optimizer 'adamz'; did you mean adamw? choose from adamw, lamb, lion, sgd"),
+    (["scheduler=cosin"], "error: unknown scheduler 'cosin'; did you mean cosine? choose from "),
     (["+trainer.epoch=3"], "error: unknown key trainer.epoch; did you mean trainer.epochs?"),
     (["trainer.epoch=3"], "error: unknown key trainer.epoch; did you mean trainer.epochs?"),
     (["+model.deptj=6"], "error: unknown key model.deptj: not an argument of vit_nano_patch4_16; "

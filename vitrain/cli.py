@@ -103,9 +103,19 @@ def check_group_choice(args: Sequence[str], group: str, options: Sequence[str]) 
         return
     for override in overrides:
         for name in _option_names(override.value()):
-            if name not in options:
+            if name not in options and group == "logger":  # a list group
                 fail(f"unknown {group} '{name}'; choose from {', '.join(options)}, or several at once: "
                      f"{group}=[{','.join(options[:2])}]")
+            if name not in options:
+                near = difflib.get_close_matches(name, options, n=3, cutoff=0.6)
+                fail(f"unknown {group} '{name}'; {f'did you mean {near[0]}? ' if near else ''}choose from "
+                     f"{', '.join(options)}")
+
+
+def check_group_choices(args: Sequence[str], config_dir: Path) -> None:
+    """:func:`check_group_choice` for every config group of ``config_dir`` (its folders of YAML options)."""
+    for folder in sorted(p for p in config_dir.iterdir() if p.is_dir() and p.name != "hydra"):
+        check_group_choice(args, folder.name, sorted(p.stem for p in folder.glob("*.yaml")))
 
 
 def _option_names(value: Any) -> list[str]:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from vitrain import runfolder
 from vitrain.build import build_trainer
 from vitrain.checkpoint import remove_partial_saves
-from vitrain.cli import check_group_choice, check_override_keys, resume_command, run_command
+from vitrain.cli import check_group_choices, check_override_keys, resume_command, run_command
 from vitrain.config import CONFIG_DIR, TrainConfig, ensure_writable, to_config
 from vitrain.data.remote import NetworkError, network_stop
 from vitrain.distributed import World, barrier, close_distributed, init_distributed, torchrun_world
@@ -98,9 +98,9 @@ def hydra_main(cfg: DictConfig) -> float | str | list[float]:
 
 
 def main() -> None:
-    """``python -m vitrain.train``: an unknown logger or config key is refused in one line (Hydra's own errors span
-    many, and suggest no key), then the Hydra app runs."""
-    check_group_choice(sys.argv[1:], "logger", sorted(p.stem for p in (CONFIG_DIR / "logger").glob("*.yaml")))
+    """``python -m vitrain.train``: an unknown group option or config key is refused in one line (Hydra's own
+    errors span many, and suggest no key), then the Hydra app runs."""
+    check_group_choices(sys.argv[1:], CONFIG_DIR)
     check_override_keys(sys.argv[1:], TrainConfig, CONFIG_DIR)
     hydra_main()
 
