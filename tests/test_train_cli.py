@@ -201,6 +201,31 @@ def test_a_run_refused_at_start_leaves_no_run_folder(before_data_results: tuple[
     assert sorted(p.name for p in root.iterdir()) == ["cli_cases.json", "empty"]
 
 
+@pytest.mark.slow
+def test_a_run_refused_once_data_or_weights_are_looked_at_leaves_no_run_folder(tmp_path: Path) -> None:
+    """An empty class folder, a single folder without a validation split, missing pretrained weights (offline):
+    refused after the logger and the checkpoint folder were made; the run folder goes all the same (no event
+    file, no empty folders), and the data's folder stays."""
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "photos" / cls).mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "a" / "0.png")
+    cases = [["data=imagefolder", f"data.root={tmp_path}/photos"],  # b is empty
+             ["model=vit_small", "model.pretrained=true"]]
+    for i, args in enumerate(cases):
+        result = subprocess.run([sys.executable, "-m", "vitrain.train", *args, "trainer.progress=false",
+                                 f"hydra.run.dir={tmp_path}/runs/run{i}"], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "b" / "0.png")
+    result = subprocess.run([sys.executable, "-m", "vitrain.train", "data=imagefolder", f"data.root={tmp_path}/photos",
+                             f"hydra.run.dir={tmp_path}/runs/run2"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and "has no validation split here" in result.stderr
+    assert not (tmp_path / "runs").exists() and sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["a", "b"]
+
+
 def test_keys_added_to_the_model_still_reach_its_constructor(tmp_path: Path) -> None:
     """docs/models.md's ``+model.depth=6``: a constructor argument passes, and the run trains."""
     result = run_cli([*FAST, "+model.depth=1", "+model.embed_dim=32", f"hydra.run.dir={tmp_path}/run"], tmp_path)

@@ -188,9 +188,17 @@ class TensorBoardLogger(Logger):
     a subfolder, as ``SummaryWriter.add_hparams`` does), so that each run of a sweep is one row of the table."""
 
     def __init__(self, log_dir: str | Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        self.log_dir, self._writer = Path(log_dir), None
 
-        self.writer = SummaryWriter(str(log_dir))
+    @property
+    def writer(self) -> Any:
+        """The SummaryWriter, made at the first thing logged: a run refused before it trains (a missing data set,
+        an empty class folder) leaves no event file, and its run folder is taken away."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.log_dir))
+        return self._writer
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         for tag, value in scalars.items():
@@ -215,10 +223,12 @@ class TensorBoardLogger(Logger):
         self.log_scalars(metrics, step)
 
     def flush(self) -> None:
-        self.writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self, status: str = "finished") -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def require(module: str, extra: str) -> Any:
