@@ -107,7 +107,9 @@ def test_a_background_save_returns_before_the_write_and_keeps_the_state_it_was_g
 
     monkeypatch.setattr(checkpoint.torch, "save", held_save)
     weights = torch.arange(6.0)
-    saves = checkpoint.BackgroundSaves()
+    from vitrain.saving import BackgroundSaves
+
+    saves = BackgroundSaves()
     path = saves.submit({"model": {"w": weights}, "step": 1, "history": [{"epoch": 1}]},
                         partial(write_checkpoints, folder=tmp_path, best_val={"top1": 1.0}), tmp_path / "last.pt")
     weights.add_(100.0)  # the optimizer's next step, while the save is in flight
@@ -123,7 +125,8 @@ def test_a_failed_background_save_is_raised_at_the_next_wait_and_the_old_files_s
                                                                                      monkeypatch) -> None:
     import os
 
-    from vitrain.checkpoint import BackgroundSaves, CheckpointWriteError
+    from vitrain.checkpoint import CheckpointWriteError
+    from vitrain.saving import BackgroundSaves
 
     saves = BackgroundSaves()
     write = partial(write_checkpoints, folder=tmp_path, best_val={"top1": 1.0})

@@ -155,6 +155,10 @@ CHECKED_BEFORE_DATA = [  # each refused in one line before the data set is read 
     (["trainer.resume={missing}"], "error: trainer.resume={missing}: no such file; give a last.pt (or an FSDP2 "
                                    "run's last.dcp), or trainer.resume=auto"),
     (["trainer.device=tpu"], "error: trainer.device=tpu is not a device PyTorch knows; use auto, cpu, cuda or cuda:N"),
+    (["trainer.resume={root}/empty"], "error: trainer.resume={root}/empty is a folder, not a checkpoint; give a run's "
+                                      "checkpoints/last.pt"),
+    (["trainer.resume={root}/cli_cases.json"], "error: trainer.resume={root}/cli_cases.json is not a PyTorch "
+                                               "checkpoint (neither a zip archive nor a pickle"),
     (["model=vit_nanoo"], "error: unknown model 'vit_nanoo'; did you mean vit_nano? choose from deit, "),
     (["data=imagenett"], "error: unknown data 'imagenett'; did you mean imagefolder? choose from cifar10, "),
     (["optimizer=adamz"], "error: unknown optimizer 'adamz'; did you mean adamw? choose from adamw, lamb, lion, sgd"),
@@ -178,7 +182,7 @@ def before_data_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     root = tmp_path_factory.mktemp("before_data")
     (root / "empty").mkdir()
     cases = [["data=cifar10", f"data.root={root}/empty", "data.download=false",
-              *(a.format(missing=root / "no.pt") for a in args), f"hydra.run.dir={root}/run{i}",
+              *(a.format(missing=root / "no.pt", root=root) for a in args), f"hydra.run.dir={root}/run{i}",
               f"hydra.sweep.dir={root}/sweep{i}"] for i, (args, _) in enumerate(CHECKED_BEFORE_DATA)]
     return root, run_cases("vitrain.train", cases, root)
 
@@ -187,7 +191,7 @@ def before_data_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
                          ids=[" ".join(args) for args, _ in CHECKED_BEFORE_DATA])
 def test_bad_config_is_refused_before_any_data_is_read(case: int, before_data_results: tuple[Path, list[dict]]) -> None:
     root, results = before_data_results
-    result, expected = results[case], CHECKED_BEFORE_DATA[case][1].format(missing=root / "no.pt")
+    result, expected = results[case], CHECKED_BEFORE_DATA[case][1].format(missing=root / "no.pt", root=root)
     assert result["code"] == 1 and "Traceback" not in result["stderr"]
     assert result["stderr"].strip().startswith(expected), result["stderr"]  # not "cifar10 not found": no data read
     assert len(result["stderr"].strip().splitlines()) == 1

@@ -8,6 +8,7 @@ loads as well (:func:`load_onnx`): onnxruntime runs it, and its metadata gives t
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from dataclasses import dataclass, replace
@@ -205,3 +206,19 @@ def refuse_other_data(output: Path, source: str | None) -> None:
     if earlier != source:
         raise ConfigError(f"{output} holds the evaluation on {earlier}, another data set; give output=... to keep "
                           f"both, or remove it")
+
+
+def write_predictions(results: list[dict[str, Any]], output: Path, fmt: str, checkpoint: str | Path,
+                      trained: Any) -> None:
+    """JSON: the checkpoint, its preprocessing and class names, and the predictions; CSV: a row per image."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "csv":
+        k = max((len(r["top"]) for r in results), default=0)
+        with open(output, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", *(f"{c}_{i}" for i in range(1, k + 1) for c in ("class", "probability"))])
+            for r in results:
+                writer.writerow([r["image"], *(v for t in r["top"] for v in (t["class"], f"{t['probability']:.6f}"))])
+        return
+    output.write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve()), "preprocess": trained.preprocess,
+                                  "class_names": list(trained.class_names), "predictions": results}, indent=2))

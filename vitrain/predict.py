@@ -12,8 +12,6 @@ checkpoint, its preprocessing and class names beside the predictions; ``format=c
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from vitrain.cli import check_override_keys, run_command
 from vitrain.config import CONFIG_DIR, PredictConfig, to_config
 from vitrain.data.datasets import open_rgb
 from vitrain.errors import DataError
-from vitrain.inference import load_for_inference, run_folder
+from vitrain.inference import load_for_inference, run_folder, write_predictions
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -69,22 +67,6 @@ def default_output(checkpoint: str | Path, inputs: str | Path, fmt: str = "json"
     inputs = Path(inputs).resolve()
     name = inputs.stem if inputs.is_file() else inputs.name
     return run_folder(checkpoint) / "predictions" / f"{name}.{Path(checkpoint).name}.{fmt}"
-
-
-def write_predictions(results: list[dict[str, Any]], output: Path, fmt: str, checkpoint: str | Path,
-                      trained: Any) -> None:
-    """JSON: the checkpoint, its preprocessing and class names, and the predictions; CSV: a row per image."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "csv":
-        k = max((len(r["top"]) for r in results), default=0)
-        with open(output, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["image", *(f"{c}_{i}" for i in range(1, k + 1) for c in ("class", "probability"))])
-            for r in results:
-                writer.writerow([r["image"], *(v for t in r["top"] for v in (t["class"], f"{t['probability']:.6f}"))])
-        return
-    output.write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve()), "preprocess": trained.preprocess,
-                                  "class_names": list(trained.class_names), "predictions": results}, indent=2))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")

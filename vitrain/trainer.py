@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vitrain import distributed
-from vitrain.checkpoint import BackgroundSaves, set_rng_state, write_text
+from vitrain.checkpoint import set_rng_state, write_text
 from vitrain.distributed import resolve_device
 from vitrain.errors import ConfigError
 from vitrain.guards import NonFiniteGuard, StopSignals
@@ -35,6 +35,7 @@ from vitrain.parallel import FsdpConfig, check_strategy, parallelize, uses_fsdp,
 from vitrain.pruning import NoPruning
 from vitrain.run_state import SavesState, TrainState
 from vitrain.runtime import PRECISIONS, autocast_dtype, use_channels_last
+from vitrain.saving import BackgroundSaves
 from vitrain.tracking import RunLog, default_logger, skipped_samples
 
 log = logging.getLogger(__name__)
