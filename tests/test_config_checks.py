@@ -71,7 +71,11 @@ def test_resume_from_a_missing_file_is_refused(tmp_path: Path) -> None:
     missing = tmp_path / "last.pt"
     assert refused([f"trainer.resume={missing}"]) == (f"trainer.resume={missing}: no such file; give a last.pt (or "
                                                       f"an FSDP2 run's last.dcp), or trainer.resume=auto")
-    missing.write_bytes(b"")
+    missing.write_bytes(b"")  # an empty file is no checkpoint either
+    assert refused([f"trainer.resume={missing}"]).startswith(f"trainer.resume={missing} is not a PyTorch checkpoint")
+    import torch
+
+    torch.save({}, missing)
     assert to_config(compose([f"trainer.resume={missing}"])).trainer.resume == str(missing)
     assert to_config(compose(["trainer.resume=auto"])).trainer.resume == "auto"
 
