@@ -92,16 +92,25 @@ def test_two_objectives_accuracy_and_size(tmp_path: Path) -> None:
         assert t.values[1] == size and 0 <= t.values[0] <= 100
 
 
+def app_of_ones_own(folder: Path, config: str, body: str = "    return cfg.x\n") -> None:
+    """A Hydra app that is not vitrain.train, in ``folder``: ``conf/app.yaml`` holds ``config`` (after the line
+    choosing vitrain's sweeper), ``app.py``'s task function runs ``body``."""
+    (folder / "conf").mkdir()
+    (folder / "conf" / "app.yaml").write_text("defaults:\n  - override hydra/sweeper: vitrain_optuna\n" + config)
+    (folder / "app.py").write_text('import hydra\n\n\n@hydra.main(version_base="1.3", config_path="conf", '
+                                   f'config_name="app")\ndef main(cfg):\n{body}\n\nmain()\n')
+
+
+def run_app(folder: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``python app.py -m ARGS`` in ``folder``, with vitrain's sweeper (and modules beside the app) importable."""
+    return subprocess.run([sys.executable, "app.py", "-m", *args], cwd=folder, check=check, capture_output=True,
+                          text=True, timeout=120, env=os.environ | {"PYTHONPATH": f"{REPO}:{folder}"})
+
+
 def test_a_pruner_with_an_app_that_cannot_report_is_one_line_at_the_start(tmp_path: Path) -> None:
-    (tmp_path / "conf").mkdir()
-    (tmp_path / "conf" / "app.yaml").write_text(
-        "defaults:\n  - override hydra/sweeper: vitrain_optuna\n  - _self_\nx: 0.0\n"
-        "hydra:\n  sweeper:\n    n_trials: 2\n    params: {x: 'choice(1.0, 2.0)'}\n")
-    (tmp_path / "app.py").write_text('import hydra\n\n\n@hydra.main(version_base="1.3", config_path="conf", '
-                                     'config_name="app")\ndef main(cfg):\n    return cfg.x\n\n\nmain()\n')
-    result = subprocess.run([sys.executable, "app.py", "-m", "hydra/sweeper/pruner=median",
-                             f"hydra.sweep.dir={tmp_path}/s"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120, env=os.environ | {"PYTHONPATH": str(REPO)})
+    app_of_ones_own(tmp_path, "  - _self_\nx: 0.0\nhydra:\n  sweeper:\n    n_trials: 2\n"
+                              "    params: {x: 'choice(1.0, 2.0)'}\n")
+    result = run_app(tmp_path, "hydra/sweeper/pruner=median", f"hydra.sweep.dir={tmp_path}/s", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: a pruner needs runs that report their epochs")
     assert not (tmp_path / "s" / "0").exists()  # no trial ran
@@ -111,18 +120,12 @@ def test_a_pruner_with_an_app_that_cannot_report_is_one_line_at_the_start(tmp_pa
 def test_a_proposal_that_repeats_a_finished_trial_is_recorded_not_run(tmp_path: Path) -> None:
     """Random sampling of 3 values, 3 trials: each value runs once (the app logs each run); a proposal of a value
     already run is recorded with that trial's result and its repeat_of, and not run."""
-    (tmp_path / "conf").mkdir()
-    (tmp_path / "conf" / "app.yaml").write_text(
-        "defaults:\n  - override hydra/sweeper: vitrain_optuna\n  - override hydra/sweeper/sampler: random\n"
-        "  - _self_\nx: 0.0\nhydra:\n  sweeper:\n    n_trials: 3\n    direction: maximize\n"
-        f"    storage: sqlite:///{tmp_path}/study.db\n    study_name: repeats\n"
-        "    sampler: {seed: 0}\n    params: {x: 'choice(1.0, 2.0, 3.0)'}\n")
-    (tmp_path / "app.py").write_text(
-        'import hydra\n\n\n@hydra.main(version_base="1.3", config_path="conf", config_name="app")\n'
-        'def main(cfg):\n    with open("ran.txt", "a") as f:\n        f.write(f"{cfg.x}\\n")\n'
-        '    return cfg.x\n\n\nmain()\n')
-    subprocess.run([sys.executable, "app.py", "-m", f"hydra.sweep.dir={tmp_path}/s"], cwd=tmp_path, check=True,
-                   capture_output=True, timeout=120, env=os.environ | {"PYTHONPATH": str(REPO)})
+    app_of_ones_own(tmp_path, "  - override hydra/sweeper/sampler: random\n  - _self_\nx: 0.0\nhydra:\n"
+                              "  sweeper:\n    n_trials: 3\n    direction: maximize\n"
+                              f"    storage: sqlite:///{tmp_path}/study.db\n    study_name: repeats\n"
+                              "    sampler: {seed: 0}\n    params: {x: 'choice(1.0, 2.0, 3.0)'}\n",
+                    '    with open("ran.txt", "a") as f:\n        f.write(f"{cfg.x}\\n")\n    return cfg.x\n')
+    run_app(tmp_path, f"hydra.sweep.dir={tmp_path}/s")
     assert sorted((tmp_path / "ran.txt").read_text().split()) == ["1.0", "2.0", "3.0"]
     trials = load_study(tmp_path / "study.db", "repeats").trials
     ran = {t.number: t for t in trials if "repeat_of" not in t.user_attrs}
@@ -147,18 +150,12 @@ def test_the_removed_motpe_sampler_is_one_line(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_continued_grid_runs_what_is_left_of_it_and_stops(tmp_path: Path) -> None:
     """A grid of 3 points: 2 trials, then the same command with n_trials=5 runs the 1 point left, and stops."""
-    (tmp_path / "conf").mkdir()
-    (tmp_path / "conf" / "app.yaml").write_text(
-        "defaults:\n  - override hydra/sweeper: vitrain_optuna\n  - override hydra/sweeper/sampler: grid\n"
-        "  - _self_\nx: 0.0\nhydra:\n  sweeper:\n    direction: maximize\n"
-        f"    storage: sqlite:///{tmp_path}/study.db\n    study_name: grid\n"
-        "    params: {x: 'choice(1.0, 2.0, 3.0)'}\n")
-    (tmp_path / "app.py").write_text('import hydra\n\n\n@hydra.main(version_base="1.3", config_path="conf", '
-                                     'config_name="app")\ndef main(cfg):\n    return cfg.x\n\n\nmain()\n')
+    app_of_ones_own(tmp_path, "  - override hydra/sweeper/sampler: grid\n  - _self_\nx: 0.0\nhydra:\n"
+                              "  sweeper:\n    direction: maximize\n"
+                              f"    storage: sqlite:///{tmp_path}/study.db\n    study_name: grid\n"
+                              "    params: {x: 'choice(1.0, 2.0, 3.0)'}\n")
     for n, folder in ((2, "first"), (5, "second")):
-        subprocess.run([sys.executable, "app.py", "-m", f"hydra.sweeper.n_trials={n}",
-                        f"hydra.sweep.dir={tmp_path}/{folder}"], cwd=tmp_path, check=True, capture_output=True,
-                       timeout=120, env=os.environ | {"PYTHONPATH": str(REPO)})
+        run_app(tmp_path, f"hydra.sweeper.n_trials={n}", f"hydra.sweep.dir={tmp_path}/{folder}")
     trials = load_study(tmp_path / "study.db", "grid").trials
     assert sorted(t.params["x"] for t in trials) == [1.0, 2.0, 3.0]
     assert sorted(p.name for p in (tmp_path / "second").iterdir() if p.is_dir()) == ["0"]  # the one point left
@@ -168,16 +165,12 @@ def test_a_continued_grid_runs_what_is_left_of_it_and_stops(tmp_path: Path) -> N
 def test_a_custom_search_space_suggests_more_parameters_per_trial(tmp_path: Path) -> None:
     """hydra.sweeper.custom_search_space: a function of (cfg, trial), as hydra-optuna-sweeper calls it, whose
     suggestions reach the run as overrides."""
-    (tmp_path / "conf").mkdir()
-    (tmp_path / "conf" / "app.yaml").write_text(
-        "defaults:\n  - override hydra/sweeper: vitrain_optuna\n  - _self_\nx: 0.0\ny: 0.0\nhydra:\n"
-        f"  sweeper:\n    n_trials: 3\n    storage: sqlite:///{tmp_path}/study.db\n    study_name: custom\n"
-        "    custom_search_space: space.extend\n    params: {x: 'interval(0, 1)'}\n")
+    app_of_ones_own(tmp_path, "  - _self_\nx: 0.0\ny: 0.0\nhydra:\n  sweeper:\n    n_trials: 3\n"
+                              f"    storage: sqlite:///{tmp_path}/study.db\n    study_name: custom\n"
+                              "    custom_search_space: space.extend\n    params: {x: 'interval(0, 1)'}\n",
+                    "    return cfg.x + cfg.y\n")
     (tmp_path / "space.py").write_text("def extend(cfg, trial):\n    trial.suggest_float('y', 10.0, 20.0)\n")
-    (tmp_path / "app.py").write_text('import hydra\n\n\n@hydra.main(version_base="1.3", config_path="conf", '
-                                     'config_name="app")\ndef main(cfg):\n    return cfg.x + cfg.y\n\n\nmain()\n')
-    subprocess.run([sys.executable, "app.py", "-m", f"hydra.sweep.dir={tmp_path}/s"], cwd=tmp_path, check=True,
-                   capture_output=True, timeout=120, env=os.environ | {"PYTHONPATH": f"{REPO}:{tmp_path}"})
+    run_app(tmp_path, f"hydra.sweep.dir={tmp_path}/s")
     trials = load_study(tmp_path / "study.db", "custom").trials
     assert len(trials) == 3
     for t in trials:

@@ -42,6 +42,7 @@ class CheckpointWriteError(VitrainError):
     """A checkpoint could not be written; the files written before are intact."""
 
 
+SHARDED_LAST, SHARDED_STATE = "last.dcp", "state.pt"  # an FSDP2 run's sharded checkpoint (vitrain/sharded.py)
 TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng", "rng_ranks")  # what best.pt leaves out
 
 
@@ -78,7 +79,7 @@ def write_checkpoints(state: dict[str, Any], folder: Path, best_val: dict[str, f
 
 def write_text(text: str, path: Path) -> None:
     """Write a small text file (``metrics.json``) atomically, as :func:`save_checkpoint` does."""
-    tmp = _temp_name(path)
+    tmp = temp_name(path)
     try:
         with open(tmp, "w") as f:
             f.write(text)
@@ -91,14 +92,14 @@ def write_text(text: str, path: Path) -> None:
     fsync_folder(path.parent)
 
 
-def _temp_name(path: Path) -> Path:
+def temp_name(path: Path) -> Path:
     """A temporary name beside ``path`` that no other writer uses: ``<name>.<pid>-<random>.tmp``."""
     return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
 def _write_temp(state: dict[str, Any], path: Path) -> Path:
     """``state`` written and flushed to a temporary file beside ``path``; on failure, no file is left."""
-    tmp = _temp_name(path)
+    tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -265,11 +266,11 @@ def is_sharded_checkpoint(path: Path) -> bool:
 def newest(folder: Path) -> Path | None:
     """The newer of ``last.pt`` and ``last.dcp`` in ``folder`` (a run may have written both: on one rank, then
     sharded), by the time each was completed (a DCP save's ``state.pt`` is its last file); None for neither."""
-    found = [p for p in (folder / "last.pt", folder / "last.dcp" / "state.pt") if p.is_file()]
+    found = [p for p in (folder / "last.pt", folder / SHARDED_LAST / SHARDED_STATE) if p.is_file()]
     if not found:
         return None
     best = max(found, key=lambda p: p.stat().st_mtime_ns)
-    return best if best.name == "last.pt" else folder / "last.dcp"
+    return best if best.name == "last.pt" else folder / SHARDED_LAST
 
 
 def check_resume_position(state: dict[str, Any], global_batch: int) -> None:

@@ -134,14 +134,16 @@ class SavesState:
         ``keep_last`` > 1, also keep that many numbered checkpoints. The files are written in the background
         (``trainer.async_save``). Returns the path of the last checkpoint."""
         best = val is not None and val["top1"] > self.state.best_top1
+        weights = None
         if best:
             self.state.best_top1 = val["top1"]
-            if self.loaders.test is not None:  # for the test set at the end, without a file read on every rank
+            if self.loaders.test is not None or is_sharded(self.model):  # a collective gathering under FSDP2: once
                 weights = full_model_state(self.model)
+            if self.loaders.test is not None:  # for the test set at the end, without a file read on every rank
                 self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
         scores = {k: val[k] for k in ("loss", "top1", "top5")} if best else None
         if is_sharded(self.model):
-            return self._save_sharded(scores)
+            return self._save_sharded(scores, weights)
         state = self.state_dict()
         if distributed.world_size() > 1:  # each rank's generators, for an exact resume on as many ranks
             state["rng_ranks"] = distributed.gather_objects(state["rng"])
@@ -150,16 +152,16 @@ class SavesState:
         return self.saves.submit(state, partial(write_checkpoints, folder=self.ckpt_dir, best_val=scores,
                                                 keep_last=self.config.keep_last), self.ckpt_dir / "last.pt")
 
-    def _save_sharded(self, scores: dict[str, float] | None) -> Path:
-        """FSDP2: every rank writes its shards into ``last.dcp`` (:mod:`vitrain.sharded`); best.pt, full weights
-        gathered on rank 0, after it."""
+    def _save_sharded(self, scores: dict[str, float] | None, weights: dict[str, Any] | None) -> Path:
+        """FSDP2: every rank writes its shards into ``last.dcp`` (:mod:`vitrain.sharded`); best.pt, the full
+        ``weights`` gathered on rank 0 for a new best, after it."""
         ema = self.ema.module if self.ema is not None else None
         tensors, groups = tensors_of(self.model, self.optimizer, ema)
         rest = self._rest_state()
         rest.update(param_groups=groups, sharded=list(tensors), rng_ranks=distributed.gather_objects(rest["rng"]))
         best = None
         if scores is not None:  # collective: every rank takes part in the gathering
-            best = {"model": full_model_state(self.model), **({"model_ema": full_model_state(ema)} if ema else {})}
+            best = {"model": weights, **({"model_ema": full_model_state(ema)} if ema else {})}
             best.update({k: v for k, v in rest.items() if k not in (*TRAINING_STATE, "param_groups", "sharded")},
                         val=scores)
         if self.saves.background and self._side_group is None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,17 +29,19 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from vitrain import distributed
 from vitrain.checkpoint import (
+    SHARDED_LAST,
+    SHARDED_STATE,
     CheckpointWriteError,
     fsync_folder,
     load_checkpoint,
     save_checkpoint,
+    temp_name,
     write_failure,
 )
 from vitrain.errors import VitrainError, first_line
 from vitrain.parallel import reshard
 
-LAST = "last.dcp"
-STATE = "state.pt"
+LAST, STATE = SHARDED_LAST, SHARDED_STATE
 # (module, name) pairs a DCP .metadata pickle may name: its dataclasses, torch.Size, dtypes, layouts, paths
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
                 "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension")
@@ -76,7 +77,7 @@ def save_sharded(tensors: dict, rest: dict[str, Any], folder: Path, step: int, k
     import torch.distributed.checkpoint as dcp
 
     name = f"dcp-step_{step:08d}"
-    tmp = folder / distributed.broadcast_object(f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp", group=group)
+    tmp = distributed.broadcast_object(temp_name(folder / f".{name}"), group=group)  # rank 0's name for all
     try:
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), process_group=group)
     except (Exception, CheckpointException) as e:  # a full disk on some rank: one line, the last save kept
@@ -91,7 +92,7 @@ def save_sharded(tensors: dict, rest: dict[str, Any], folder: Path, step: int, k
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        link = folder / f".{LAST}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        link = temp_name(folder / f".{LAST}")
         os.symlink(name, link)
         os.replace(link, folder / LAST)  # the link moves only when the save is whole
         fsync_folder(folder)
