@@ -116,6 +116,36 @@ def test_a_pruner_with_an_app_that_cannot_report_is_one_line_at_the_start(tmp_pa
     assert not (tmp_path / "s" / "0").exists()  # no trial ran
 
 
+def test_a_sweep_killed_outright_leaves_its_trial_to_be_failed_and_run_again(tmp_path: Path) -> None:
+    """SIGKILL to the sweep's process group: nothing can be recorded, the trial stays RUNNING; the same command
+    continued once the heartbeat is stale (twice hydra.sweeper.heartbeat_interval) marks it FAIL and runs its
+    parameters again first (retry_of), and leaves nothing RUNNING."""
+    app_of_ones_own(tmp_path, "  - _self_\nx: 0.0\nhydra:\n  sweeper:\n    heartbeat_interval: 1\n"
+                              f"    storage: sqlite:///{tmp_path}/study.db\n    study_name: killed\n"
+                              "    params: {x: 'interval(0, 1)'}\n",
+                    '    import pathlib, time\n    flag = pathlib.Path("started")\n    if not flag.exists():\n'
+                    '        flag.write_text(str(cfg.x))\n        time.sleep(120)\n    return cfg.x\n')
+    proc = subprocess.Popen([sys.executable, "app.py", "-m", "hydra.sweeper.n_trials=3",
+                             f"hydra.sweep.dir={tmp_path}/first"], cwd=tmp_path, start_new_session=True,
+                            env=os.environ | {"PYTHONPATH": f"{REPO}:{tmp_path}"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (tmp_path / "started").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # the first heartbeat follows the ask at once
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    [left] = load_study(tmp_path / "study.db", "killed").trials
+    assert left.state.name == "RUNNING" and left.params["x"] == float((tmp_path / "started").read_text())
+    time.sleep(2.5)  # stale: no heartbeat for more than 2 s
+    result = run_app(tmp_path, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}/second")
+    trials = load_study(tmp_path / "study.db", "killed").trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"], result.stderr[-2000:]
+    assert trials[1].params == left.params and trials[1].user_attrs["retry_of"] == 0
+    assert "was left RUNNING by a sweep killed outright" in result.stdout
+    assert "Warning" not in result.stderr
+
+
 @pytest.mark.slow
 def test_a_proposal_that_repeats_a_finished_trial_is_recorded_not_run(tmp_path: Path) -> None:
     """Random sampling of 3 values, 3 trials: each value runs once (the app logs each run); a proposal of a value

@@ -164,10 +164,12 @@ class VitrainOptunaSweeperConf:
     n_jobs: int = 1  # trials launched at once, in parallel when the launcher runs jobs in parallel
     storage: str | None = None  # e.g. sqlite:///optuna.db; null: sqlite in the sweep folder (<sweep dir>/optuna.db)
     study_name: str | None = None  # the study in storage; an existing one is continued; null: a new random name
-    max_failure_rate: float = 0.0  # the share of a batch's trials that may fail before the sweep stops
+    max_failure_rate: float = 0.0  # the share of this sweep's trials that may fail before it stops
     params: dict[str, str] | None = None  # the search space, in Hydra's override syntax (interval, range, choice)
     custom_search_space: str | None = None  # module.function(cfg, trial), called for each trial: suggests more
     #   parameters with trial.suggest_* (define-by-run, e.g. conditional ones), each passed to the run as key=value
+    heartbeat_interval: int = 60  # seconds between the sweep's "still running" marks in the storage; a continued
+    #   sweep fails and runs again the trials of a killed sweep (no mark for twice this); 0: off
 
 
 def register() -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +46,8 @@ class VitrainOptunaSweeper(Sweeper):
 
     def __init__(self, sampler: DictConfig, pruner: DictConfig | str, direction: str | Sequence[str],
                  n_trials: int, n_jobs: int, storage: str | None, study_name: str | None,
-                 max_failure_rate: float, params: DictConfig | None, custom_search_space: str | None = None) -> None:
+                 max_failure_rate: float, params: DictConfig | None, custom_search_space: str | None = None,
+                 heartbeat_interval: int = 60) -> None:
         self.directions = [direction] if isinstance(direction, str) else list(direction)
         if not self.directions or any(d not in DIRECTIONS for d in self.directions):
             raise ValueError(f"hydra.sweeper.direction must be minimize, maximize or a list of them, got {direction}")
@@ -54,13 +57,15 @@ class VitrainOptunaSweeper(Sweeper):
         if self.prunes and len(self.directions) > 1:
             raise ValueError("Optuna prunes single-objective studies only: set hydra/sweeper/pruner=none "
                              "with several directions")
-        if n_trials < 1 or n_jobs < 1 or not 0 <= max_failure_rate <= 1:
-            raise ValueError("hydra.sweeper needs n_trials >= 1, n_jobs >= 1 and 0 <= max_failure_rate <= 1, got "
-                             f"{n_trials}, {n_jobs}, {max_failure_rate}")
+        if n_trials < 1 or n_jobs < 1 or not 0 <= max_failure_rate <= 1 or heartbeat_interval < 0:
+            raise ValueError("hydra.sweeper needs n_trials >= 1, n_jobs >= 1, 0 <= max_failure_rate <= 1 and "
+                             f"heartbeat_interval >= 0, got {n_trials}, {n_jobs}, {max_failure_rate}, "
+                             f"{heartbeat_interval}")
         self.sampler, self.n_trials, self.n_jobs = sampler, n_trials, n_jobs
         self.storage, self.study_name, self.max_failure_rate = storage, study_name, max_failure_rate
         self.params = {} if params is None else {str(k): str(v) for k, v in params.items()}
         self.custom_search_space = custom_search_space
+        self.heartbeat_interval = heartbeat_interval
         self.job_idx = 0
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -86,7 +91,7 @@ class VitrainOptunaSweeper(Sweeper):
         log.info("Optuna study %s in %s: %d trials, %d at a time, sampler %s, pruner %s, %s", study.study_name,
                  self._storage_url(), n_trials, self.n_jobs, search["sampler"], type(study.pruner).__name__,
                  "/".join(self.directions))
-        with self.mlflow_run.running(study):
+        with self.mlflow_run.running(study), Heartbeat(study, self.heartbeat_interval) as self.heartbeat:
             self._optimize(study, space, n_trials)
             write_results(study, Path(self.config.hydra.sweep.dir) / "optimization_results.yaml")
 
@@ -97,9 +102,11 @@ class VitrainOptunaSweeper(Sweeper):
         ran, failed = 0, []
         while n_trials > 0:
             trials = [self._ask(study, space) for _ in range(min(self.n_jobs, n_trials))]
+            self.heartbeat.running(trials)
             batch = [space.overrides(t.params) + self._trial_overrides(study, t) for t in trials]
             returns = self._launch(study, trials, batch)
             told = [tell(study, t, r, len(self.directions)) for t, r in zip(trials, returns, strict=True)]
+            self.heartbeat.running([])
             self.mlflow_run.record(study, [t.number for t in trials])
             ran, failed = ran + len(returns), failed + [e for e in told if e is not None]
             if failed and len(failed) / ran > self.max_failure_rate:
@@ -117,7 +124,9 @@ class VitrainOptunaSweeper(Sweeper):
         from optuna.trial import TrialState
 
         for attempt in range(attempts + 1):
-            trial = study.ask(space.distributions)
+            with warnings.catch_warnings():  # the heartbeat is recorded by Heartbeat, where Study.optimize would
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                trial = study.ask(space.distributions)
             if self.custom_search_space:  # the official plugin's define-by-run hook: more trial.suggest_* calls
                 get_method(self.custom_search_space)(self.config, trial)
             if "retry_of" in trial.user_attrs or attempt == attempts:
@@ -178,7 +187,12 @@ class VitrainOptunaSweeper(Sweeper):
             sampler = instantiate(self.sampler)
         if self.storage is None:
             Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
-        study = optuna.create_study(storage=self._storage_url(), study_name=self.study_name, sampler=sampler,
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(
+                self._storage_url(), heartbeat_interval=self.heartbeat_interval or None,
+                heartbeat_stale_trial_callback=retry_stale if self.heartbeat_interval else None)
+        study = optuna.create_study(storage=storage, study_name=self.study_name, sampler=sampler,
                                     pruner=build_pruner(self.pruner), directions=self.directions,
                                     load_if_exists=True)
         if [d.name.lower() for d in study.directions] != self.directions:
@@ -186,6 +200,10 @@ class VitrainOptunaSweeper(Sweeper):
                              f"not {self.directions}: choose another hydra.sweeper.study_name")
         study.set_user_attr(PRUNER_ATTR, self.pruner)  # the runs build the same pruner from it
         if study.trials:  # a continued study
+            if self.heartbeat_interval:  # trials of a sweep killed outright (SIGKILL, a lost node): FAIL, run again
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
             n_trials = self._continue(study, space, n_trials)
         return study, n_trials
 
@@ -225,6 +243,56 @@ class VitrainOptunaSweeper(Sweeper):
             return overrides
         return [f"sweep.trial={trial.number}", f"sweep.storage={Transformer.str(self._storage_url())}",
                 f"sweep.study={Transformer.str(study.study_name)}", *overrides]
+
+
+class Heartbeat:
+    """While a sweep runs, a thread records in the storage, every ``interval`` seconds, that its running trials are
+    alive. A sweep killed outright (SIGKILL, a lost node) records nothing at the end, so that its trials stay
+    RUNNING; a continued sweep finds them stale (no heartbeat for twice the interval), and Optuna marks them FAIL
+    and :func:`retry_stale` queues them to run again, as the cut ones."""
+
+    def __init__(self, study: optuna.Study, interval: int) -> None:
+        self.study, self.interval, self.ids = study, interval, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="vitrain-sweep-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        if self.interval:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def running(self, trials: list[optuna.Trial]) -> None:
+        """The trials now running (none: ``[]``); a heartbeat is recorded for each at once."""
+        self.ids = [t._trial_id for t in trials]
+        if self.interval:
+            self._record(self.ids)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.interval):
+            self._record(self.ids)
+
+    def _record(self, ids: list[int]) -> None:
+        for trial_id in ids:
+            try:
+                self.study._storage.record_heartbeat(trial_id)
+            except Exception as e:  # a busy sqlite file: the next beat records it
+                log.warning("heartbeat of trial %d not recorded: %s", trial_id, first_line(e))
+
+
+def retry_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Optuna's callback for a trial it failed as stale (its sweep was killed outright): queue it to run again first,
+    as a trial cut by a stop signal is."""
+    retried = set(study.user_attrs.get(RETRIED_ATTR, []))
+    if trial.number in retried:
+        return
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retry_reason": "its sweep was killed"})
+    study.set_user_attr(RETRIED_ATTR, sorted(retried | {trial.number}))
+    log.info("trial %d was left RUNNING by a sweep killed outright: marked FAIL, it runs again first", trial.number)
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, result: JobReturn, n_objectives: int) -> Exception | None:
