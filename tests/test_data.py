@@ -337,3 +337,27 @@ def test_a_pass_over_an_evaluation_set_leaves_the_global_rng_alone() -> None:
         before = torch.get_rng_state()
         assert sum(len(y) for _, y in loader) == 360
         assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_an_image_folder_names_its_stray_files_and_its_classes_before_any_image_is_read(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Files that are not images in the class folders (notes, .DS_Store, a RAW file) are left out with a count and
+    the first three named; the data's line gives the split sizes and each class's training images."""
+    from PIL import Image
+
+    from vitrain.data.datasets import DataSplits, load_imagefolder
+
+    for split, n in (("train", 3), ("val", 1)):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n + (cls == "dog")):
+                Image.new("RGB", (8, 8)).save(tmp_path / split / cls / f"{i}.png")
+    for stray in ("train/cat/notes.txt", "train/cat/.DS_Store", "train/dog/IMG_1.CR2", "train/dog/z.txt"):
+        (tmp_path / stray).write_bytes(b"x")
+    with caplog.at_level("INFO", logger="vitrain.data.datasets"):
+        train, val, classes = load_imagefolder(tmp_path)
+    assert f"{tmp_path}/train: 4 files that are not images of a known kind left out (cat/.DS_Store, cat/notes.txt, " \
+           "dog/IMG_1.CR2, ...)" in caplog.text
+    assert str(tmp_path / "val") not in caplog.text  # nothing stray there
+    line = DataSplits(train, val, classes).describe("imagefolder")
+    assert line == "data imagefolder: 7 train / 3 val images; 2 classes with their training images: cat (3), dog (4)"

@@ -165,6 +165,12 @@ CHECKED_BEFORE_DATA = [  # each refused in one line before the data set is read 
     (["scheduler=cosin"], "error: unknown scheduler 'cosin'; did you mean cosine? choose from "),
     (["+trainer.epoch=3"], "error: unknown key trainer.epoch; did you mean trainer.epochs?"),
     (["trainer.epoch=3"], "error: unknown key trainer.epoch; did you mean trainer.epochs?"),
+    (["trainer.epochs=abc"], "error: trainer.epochs must be a whole number, got abc"),
+    (["trainer.epochs=2.5"], "error: trainer.epochs must be a whole number, got 2.5"),
+    (["data.hflip=maybe"], "error: data.hflip must be true or false, got maybe"),
+    (["-m", "optimizer.lr=1e-3,fast"], "error: optimizer.lr must be a number (such as 0.1 or 1e-3), got fast"),
+    (["data.mean=0.5"], "error: data.mean must be a list in brackets (data.mean=[...]), got 0.5"),
+    (["seed=null"], "error: seed cannot be null; give it a value"),
     (["+model.deptj=6"], "error: unknown key model.deptj: not an argument of vit_nano_patch4_16; "
                          "did you mean model.depth?"),
     (["model=swin_nano", "+model.depth=2"], "error: unknown key model.depth: not an argument of "

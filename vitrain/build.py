@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,7 @@ def build_trainer(cfg: TrainConfig, run_dir: str | Path, world: World, device: t
     splits = rank0_first(lambda: build_datasets(cfg.data, cfg.model.img_size))  # a download once, not per process
     train_loader, val_loader, test_loader = build_loaders(splits, cfg.data, cfg.model.img_size, device, cfg.seed,
                                                           world)
+    log.info(splits.describe(cfg.data.name))  # before the model, its weights and any feature pass
     if splits.test is None and cfg.data.val_fraction > 0:  # the data has no eval split of its own to test on
         log.info("validating on %d training images held out by data.val_fraction=%g: best.pt and sweeps select on "
                  "them; %s has no split of its own left for a final test", len(splits.val), cfg.data.val_fraction,
@@ -150,9 +152,8 @@ def build_trainer(cfg: TrainConfig, run_dir: str | Path, world: World, device: t
     optimizer, scheduler = optimizer_and_schedule(model, cfg.optimizer, cfg.scheduler,
                                                   global_batch * cfg.trainer.accum_steps, steps_per_epoch,
                                                   cfg.trainer.epochs)
-    log.info("model %s (%.2fM parameters), data %s: %d train / %d val images, %d classes", cfg.model.name,
-             sum(p.numel() for p in model.parameters()) / 1e6, cfg.data.name, len(splits.train), len(splits.val),
-             splits.num_classes)
+    log.info("model %s (%.2fM parameters), %d classes", cfg.model.name,
+             sum(p.numel() for p in model.parameters()) / 1e6, splits.num_classes)
     if world.size > 1:  # the same weights everywhere so far; now each rank's own drop path, mixup, CPU-side crops
         seed_everything(cfg.seed + world.rank)
     mixup = build_mixup(cfg.data, splits.num_classes, cfg.loss.label_smoothing)
@@ -180,8 +181,10 @@ def feature_probe(cfg: TrainConfig, model: nn.Module, splits: DataSplits, device
     folder = cache_folder(cfg.data.cache_dir, Path(cfg.data.root)) if cfg.data.root else user_cache_dir() / "features"
     dtype = autocast_dtype(cfg.trainer.precision, device)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
+    started = time.perf_counter()
     features = cached_features(model, dict(zip(("train", "val", "test"), loaders, strict=True)),
                                cfg.trainer.feature_views, key, folder, device, autocast)
+    probe.feature_seconds = time.perf_counter() - started  # for the run's closing line
     batch = cfg.data.batch_size
     return (probe, FeatureLoader(features["train"], batch, seed=cfg.seed), FeatureLoader(features["val"], batch),
             FeatureLoader(features["test"], batch) if "test" in features else None)

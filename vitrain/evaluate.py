@@ -18,7 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from vitrain.cli import check_override_keys, run_command
+from vitrain.cli import check_override_keys, entry_point, run_command
 from vitrain.config import CONFIG_DIR, EvaluateConfig, to_config
 from vitrain.data import build_datasets, cpu_eval_loader
 from vitrain.data.config import DataConfig
@@ -97,6 +97,7 @@ def hydra_main(cfg: DictConfig) -> float:
     return run_command(run)
 
 
+@entry_point
 def main() -> None:
     """``python -m vitrain.evaluate``: a misspelt key is one line naming the nearest keys; then the Hydra app."""
     check_override_keys(sys.argv[1:], EvaluateConfig, CONFIG_DIR)

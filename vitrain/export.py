@@ -15,7 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from vitrain.cli import check_override_keys, run_command
+from vitrain.cli import check_override_keys, entry_point, run_command
 from vitrain.config import CONFIG_DIR, ExportConfig, to_config
 from vitrain.exporting import export_checkpoint
 
@@ -34,6 +34,7 @@ def hydra_main(cfg: DictConfig) -> str:
     return run_command(run)
 
 
+@entry_point
 def main() -> None:
     """``python -m vitrain.export``: a misspelt key is refused in one line with the nearest keys, then the Hydra app."""
     check_override_keys(sys.argv[1:], ExportConfig, CONFIG_DIR)

@@ -20,7 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from vitrain.cli import check_override_keys, run_command
+from vitrain.cli import check_override_keys, entry_point, run_command
 from vitrain.config import CONFIG_DIR, PredictConfig, to_config
 from vitrain.data.datasets import open_rgb
 from vitrain.errors import DataError
@@ -86,6 +86,7 @@ def hydra_main(cfg: DictConfig) -> None:
     run_command(run)
 
 
+@entry_point
 def main() -> None:
     """``python -m vitrain.predict``: a misspelt key is one line naming the nearest keys; then the Hydra app."""
     check_override_keys(sys.argv[1:], PredictConfig, CONFIG_DIR)

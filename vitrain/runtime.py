@@ -9,12 +9,14 @@ import os
 import random
 import signal
 import threading
+import time
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+import vitrain
 from vitrain.errors import ConfigError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal=USR1@T warning
@@ -113,3 +115,12 @@ def use_channels_last(setting: bool | str, model: nn.Module, device: torch.devic
     if not isinstance(setting, bool):
         raise ConfigError(f"trainer.channels_last must be auto, true or false, got {setting}")
     return setting
+
+
+def command_times(metrics: dict[str, Any], features: float) -> str:
+    """``212.4 s in all: start 8.1 s, features 150.2 s, training 52.0 s, test 2.1 s``: the whole command, from the
+    import of vitrain (start: imports, data, model; features: the backbone's pass of a feature probe)."""
+    total, fit, test = time.perf_counter() - vitrain.STARTED, metrics["wall_time_sec"], metrics["test_time_sec"]
+    parts = {"start": total - fit - features, "features": features, "training": fit - test, "test": test}
+    shown = ", ".join(f"{k} {v:.1f} s" for k, v in parts.items() if v >= 0.05 or k in ("start", "training"))
+    return f"{total:.1f} s in all: {shown}"

@@ -19,13 +19,13 @@ from omegaconf import DictConfig
 from vitrain import runfolder
 from vitrain.build import build_trainer
 from vitrain.checkpoint import remove_partial_saves
-from vitrain.cli import check_group_choices, check_override_keys, resume_command, run_command
+from vitrain.cli import check_group_choices, check_override_keys, entry_point, resume_command, run_command
 from vitrain.config import CONFIG_DIR, TrainConfig, ensure_writable, to_config
 from vitrain.data.remote import NetworkError, network_stop
 from vitrain.distributed import World, barrier, close_distributed, init_distributed, torchrun_world
 from vitrain.errors import Preempted
 from vitrain.pruning import measure, objective_values
-from vitrain.runtime import close_workers, seed_everything
+from vitrain.runtime import close_workers, command_times, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,9 @@ def _train(cfg: TrainConfig, run_dir: Path, world: World, device: torch.device) 
         pre = trainer.metadata["preprocess"]  # the normalization as resolved (data.mean may be null: auto)
         log_end_of_training(run_dir / "tb", trainer.model, splits.val, trainer.state.step, pre["mean"], pre["std"],
                             splits.class_names)
-    log.info("best val top-1 %.2f%%, final val top-1 %.2f%%%s, %.0f train img/s, %.1f s", metrics["best_top1"],
+    log.info("best val top-1 %.2f%%, final val top-1 %.2f%%%s, %.0f train img/s; %s", metrics["best_top1"],
              metrics["final_top1"], "" if metrics["test_top1"] is None else f", test top-1 {metrics['test_top1']:.2f}%",
-             metrics["train_images_per_sec"], metrics["wall_time_sec"])
+             metrics["train_images_per_sec"], command_times(metrics, getattr(trainer.model, "feature_seconds", 0.0)))
     return metrics
 
 
@@ -97,9 +97,10 @@ def hydra_main(cfg: DictConfig) -> float | str | list[float]:
         close_distributed()
 
 
+@entry_point
 def main() -> None:
-    """``python -m vitrain.train``: an unknown group option or config key is refused in one line (Hydra's own
-    errors span many, and suggest no key), then the Hydra app runs."""
+    """``python -m vitrain.train``: an unknown group option, key or a value of the wrong type is refused in one
+    line (Hydra's own errors span many), then the Hydra app runs."""
     check_group_choices(sys.argv[1:], CONFIG_DIR)
     check_override_keys(sys.argv[1:], TrainConfig, CONFIG_DIR)
     hydra_main()

@@ -200,7 +200,9 @@ class Trainer(SavesState):
         if self.ema is not None:
             metrics["final_top1_ema"] = s.history[-1]["val_top1_ema"]
         metrics["val_top1"] = metrics["final_top1"]  # final_top1 and best_top1 are validation figures too
+        tested = time.perf_counter()
         metrics["test_top1"] = self.test_best() if self.loaders.test is not None and not s.pruned else None
+        metrics["test_time_sec"] = time.perf_counter() - tested
         if self.is_main:
             write_text(json.dumps(metrics, indent=2), self.run_dir / "metrics.json")
         self.run_log.end(metrics, s.step, [self.run_dir / "metrics.json"], self.ckpt_dir / "best.pt")

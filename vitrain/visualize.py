@@ -15,7 +15,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from vitrain.cli import check_override_keys, run_command
+from vitrain.cli import check_override_keys, entry_point, run_command
 from vitrain.config import CONFIG_DIR, VisualizeConfig, to_config
 from vitrain.data.datasets import open_rgb
 from vitrain.errors import ConfigError, DataError
@@ -78,6 +78,7 @@ def hydra_main(cfg: DictConfig) -> None:
     run_command(run)
 
 
+@entry_point
 def main() -> None:
     """``python -m vitrain.visualize``: a misspelt key is one line naming the nearest keys; then the Hydra app."""
     check_override_keys(sys.argv[1:], VisualizeConfig, CONFIG_DIR)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 
 from vitrain.data.sources import MAX_IMAGE_PIXELS, SkipUnreadable, open_rgb
@@ -208,13 +208,18 @@ class ImageFolder(SkipUnreadable, datasets.ImageFolder):
         nested, under the wrong class)."""
         is_valid = is_valid_file or (lambda path: datasets.folder.has_file_allowed_extension(path, extensions))
         seen = {os.path.realpath(directory)} | {os.path.realpath(os.path.join(directory, c)) for c in class_to_idx}
-        samples, empty = [], []
+        samples, empty, stray = [], [], []
         for name in sorted(class_to_idx):
             before = len(samples)
             for folder, files in sorted(walk_once(os.path.join(directory, name), seen)):
                 paths = [os.path.join(folder, f) for f in sorted(files)]
                 samples += [(path, class_to_idx[name]) for path in paths if is_valid(path)]
+                stray += [path for path in paths if not is_valid(path)]
             empty += [name] if len(samples) == before else []
+        if stray:  # notes.txt, .DS_Store, a RAW file: said, so that a missing image is not a mystery
+            shown = ", ".join(os.path.relpath(path, directory) for path in stray[:3])
+            log.info("%s: %d file%s that %s not images of a known kind left out (%s%s)", directory, len(stray),
+                     "s" * (len(stray) > 1), "are" if len(stray) > 1 else "is", shown, ", ..." * (len(stray) > 3))
         if empty and not allow_empty:
             folders, plural = [os.path.join(directory, name) for name in empty], "s" * (len(empty) > 1)
             kinds = f" ({' '.join(extensions)})" if extensions else ""
@@ -315,3 +320,29 @@ class DataSplits:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def describe(self, name: str, shown: int = 10) -> str:
+        """One line for the log, said before any model runs: the split sizes, and the classes with their training
+        images where the labels are at hand without reading an image (the first ``shown`` classes)."""
+        sizes = f"{len(self.train)} train / {len(self.val)} val" + (
+            f" / {len(self.test)} test" if self.test is not None else "")
+        labels = labels_of(self.train)
+        counts = np.bincount(labels, minlength=self.num_classes) if labels is not None else None
+        names = [f"{c} ({counts[i]})" if counts is not None else c for i, c in enumerate(self.class_names[:shown])]
+        more = f", ... ({self.num_classes - shown} more)" if self.num_classes > shown else ""
+        per = " with their training images" if counts is not None else ""
+        return f"data {name}: {sizes} images; {self.num_classes} classes{per}: {', '.join(names)}{more}"
+
+
+def labels_of(dataset: Dataset) -> np.ndarray | None:
+    """The labels of ``dataset`` when it holds them (in-memory arrays, an image folder or file list, a subset of
+    either), without reading an image; None for a stream."""
+    if isinstance(dataset, Subset):
+        base = labels_of(dataset.dataset)
+        return None if base is None else base[np.asarray(dataset.indices, dtype=np.int64)]
+    if isinstance(dataset, ArrayDataset):
+        return dataset.labels.numpy()
+    targets = getattr(dataset, "targets", None)
+    if isinstance(targets, list | np.ndarray | torch.Tensor) and len(targets) == len(dataset):
+        return np.asarray(targets, dtype=np.int64)
+    return None
