@@ -69,7 +69,7 @@ def test_every_key_is_declared_for_every_option_of_its_group() -> None:
 
 def test_extra_model_keys_go_to_the_constructor() -> None:
     model = to_config(compose(["+model.embed_dim=24", "model=swin_nano"])).model
-    assert model.constructor_kwargs() == {"drop_rate": 0.0, "drop_path_rate": 0.0, "embed_dim": 24, "window_size": 4}
+    assert model.constructor_kwargs() == {"drop_rate": 0.0, "drop_path_rate": 0.0, "embed_dim": 24}
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -154,7 +154,9 @@ def test_hydra_keys_group_choices_and_model_arguments_pass(capsys: pytest.Captur
             "data.mean=[0.5,0.5,0.5]", "optimizer.lr=1e-3,5e-4", "seed=3", "++trainer.epochs=2",
             "distill.teacher.name=resnet18", "~model.checkpoint", "model@distill=vit"]
     assert check(args, capsys) is None
-    assert check(["trainer.epochs=[", "trainer.epoch=3"], capsys) is None  # malformed: Hydra's own error says so
+    assert check(["trainer.epochs=[", "trainer.epoch=3"], capsys) == (  # the first fault, in one line
+        "error: cannot parse the override 'trainer.epochs=[': no viable alternative at input '['; write key=value "
+        "(quote a value with spaces or brackets: key='[a b]')")
 
 
 def test_unknown_key_lists_the_keys_when_none_is_close() -> None:
@@ -181,3 +183,38 @@ def test_every_command_refuses_a_misspelt_key_in_one_line(command: str, args: li
     with pytest.raises(SystemExit) as stop:
         importlib.import_module(f"vitrain.{command}").main()
     assert stop.value.code == 1 and capsys.readouterr().err.strip() == expected
+
+
+HEAVY = ("torch", "torchvision", "timm")
+
+
+@pytest.mark.parametrize(("entry", "args", "expected"), [
+    ("train", ["optimizer.lr=-1"], "error: optimizer.lr must be positive, got -1.0"),
+    ("train", ["trainer.epochs=abc"], "error: trainer.epochs must be a whole number, got abc"),
+    ("train", ["model=vit_nanoo"], "error: unknown model 'vit_nanoo'; did you mean vit_nano?"),
+    ("train", ["trainer.device=tpu"], "error: trainer.device=tpu is not a device PyTorch knows"),
+    ("train", ["--help"], None),
+    ("evaluate", ["checkpoint=none.pt", "batch_size=0"], "error: batch_size must be at least 1, got 0"),
+    ("predict", ["checkpoint=none.pt", "inputs=none.png", "topk=0"], "error: topk must be at least 1, got 0"),
+    ("visualize", ["checkpoint=none.pt", "image=none.png", "head_fusion=avg"],
+     "error: head_fusion=avg is not one of mean, max, min"),
+    ("export", ["checkpoint=none.pt", "opset=3"], "error: opset must be >= 14, got 3"),
+])
+def test_a_bad_value_is_refused_before_torch_is_imported(entry: str, args: list[str], expected: str | None,
+                                                         tmp_path: Path) -> None:
+    """The checks that need no torch run before torch, torchvision and timm are imported (seconds of a laptop's
+    time: docs/speed.md), and so does --help."""
+    import subprocess
+    import sys
+
+    probe = (f"import runpy, sys; sys.argv = ['vitrain-{entry}', *{args!r}]\n"
+             f"try:\n    runpy.run_module('vitrain.{entry}', run_name='__main__')\n"
+             f"finally:\n    print('imported:', *[m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    *lines, imported = result.stderr.strip().splitlines()
+    assert imported == "imported:", result.stderr
+    if expected is None:
+        assert result.returncode == 0 and "vitrain-train" in result.stdout
+    else:
+        assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith(expected), result.stderr
+    assert not list(tmp_path.iterdir())  # no run folder, no log

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitrain.config import TrainConfig
+from vitrain import runfolder
+from vitrain.checkpoint import remove_partial_saves
+from vitrain.config import TrainConfig, ensure_writable
 from vitrain.data import DataSplits, build_datasets, build_loaders, build_mixup
 from vitrain.data.cache import cache_folder, user_cache_dir
 from vitrain.distill import TeacherInputs, build_criterion, build_teacher, resolve_teacher
@@ -34,8 +36,8 @@ from vitrain.models import create_model
 from vitrain.models.config import ModelConfig
 from vitrain.models.weights import ensure_pretrained, weights_preprocess
 from vitrain.optim import optimizer_and_schedule
-from vitrain.pruning import TrialReporter
-from vitrain.runtime import autocast_dtype, seed_everything
+from vitrain.pruning import TrialReporter, measure
+from vitrain.runtime import autocast_dtype, close_workers, command_times, seed_everything
 from vitrain.trainer import Loaders, Trainer
 
 log = logging.getLogger(__name__)
@@ -223,3 +225,37 @@ def checkpoint_metadata(cfg: TrainConfig, class_names: list[str], global_batch: 
     return {"model_spec": cfg.model.spec(len(class_names)), "preprocess": preprocess, "class_names": class_names,
             "data_config": dataclasses.asdict(cfg.data), "global_batch": global_batch, "world_size": world_size,
             "config": dataclasses.asdict(cfg)}
+
+
+def run_training(cfg: TrainConfig, run_dir: Path, world: World, device: torch.device) -> dict[str, Any]:
+    """The training run of :func:`vitrain.train.train`, its config checked and its process group joined: build it,
+    resume it, train, and write what a run leaves (adapters, figures) besides the Trainer's checkpoints."""
+    if world.is_main:
+        ensure_writable(run_dir / "checkpoints", "hydra.run.dir")
+        remove_partial_saves(run_dir / "checkpoints")  # left by a save that was killed mid-write (logged)
+    seed_everything(cfg.seed)
+    trainer, splits = build_trainer(cfg, run_dir, world, device)
+    if world.is_main:
+        runfolder.write_resolved_config(run_dir, trainer.metadata["config"])
+    trainer.resume(cfg.trainer.resume, cfg.data.batch_size * world.size)
+    log.info("training on %s%s for %d epochs; writing to %s", trainer.device,
+             f" x {world.size} processes" if world.size > 1 else "", cfg.trainer.epochs, run_dir)
+    try:
+        metrics = trainer.fit()
+    finally:  # now, not at garbage collection (which waits 5 s for each worker)
+        close_workers(trainer.loaders.train, trainer.loaders.val, trainer.loaders.test)
+    metrics.update(measure(cfg.sweep.objectives, trainer.model, cfg.model.img_size, trainer.device))
+    if cfg.model.lora.rank > 0 and world.is_main:  # the final adapters and head, in peft's format
+        from vitrain.lora import save_adapters
+
+        save_adapters(trainer.model, run_dir / "checkpoints" / "adapter")
+    if cfg.trainer.log_images and world.is_main:
+        from vitrain.figures import log_end_of_training  # matplotlib: imported only when asked for
+
+        pre = trainer.metadata["preprocess"]  # the normalization as resolved (data.mean may be null: auto)
+        log_end_of_training(run_dir / "tb", trainer.model, splits.val, trainer.state.step, pre["mean"], pre["std"],
+                            splits.class_names)
+    log.info("best val top-1 %.2f%%, final val top-1 %.2f%%%s, %.0f train img/s; %s", metrics["best_top1"],
+             metrics["final_top1"], "" if metrics["test_top1"] is None else f", test top-1 {metrics['test_top1']:.2f}%",
+             metrics["train_images_per_sec"], command_times(metrics, getattr(trainer.model, "feature_seconds", 0.0)))
+    return metrics

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from vitrain.errors import ConfigError, VitrainError, first_line
+from vitrain.paths import zip_problem
 
 log = logging.getLogger(__name__)
 
@@ -245,17 +246,22 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     if path.is_file() and not _looks_like_torch_file(path):
         raise ConfigError(f"trainer.resume={resume} is not a PyTorch checkpoint (neither a zip archive nor a pickle: "
                           f"a text or other file); give a run's checkpoints/last.pt")
+    problem = zip_problem(path) if path.is_file() and _looks_like_torch_file(path) == "zip" else None
+    if problem:
+        raise ConfigError(f"trainer.resume={resume} is corrupt or cut short ({problem}); give another checkpoint, e.g. "
+                          f"a numbered checkpoints/step_*.pt (trainer.keep_last), or start afresh")
     return path
 
 
-def _looks_like_torch_file(path: Path) -> bool:
-    """torch.save's zip archive, or a legacy pickle (protocol 2+ starts with 0x80); read before any data set is."""
+def _looks_like_torch_file(path: Path) -> str:
+    """``zip`` (torch.save's archive), ``pickle`` (legacy, protocol 2+ starts with 0x80), or empty; read before any
+    data set is."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError:
-        return True  # unreadable: load_checkpoint says why
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+        return "unknown"  # unreadable: load_checkpoint says why
+    return "zip" if head.startswith(b"PK\x03\x04") else "pickle" if head[:1] == b"\x80" else ""
 
 
 def is_sharded_checkpoint(path: Path) -> bool:

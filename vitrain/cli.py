@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 from omegaconf.errors import MissingMandatoryValue
 
 from vitrain import runfolder
-from vitrain.distributed import torchrun_world
 from vitrain.errors import Preempted, VitrainError, first_line
+from vitrain.world import torchrun_world
 
 T = TypeVar("T")
 
@@ -130,52 +130,94 @@ def check_group_choice(args: Sequence[str], group: str, options: Sequence[str]) 
                      f"{', '.join(options)}")
 
 
-def check_group_choices(args: Sequence[str], config_dir: Path) -> None:
-    """:func:`check_group_choice` for every config group of ``config_dir`` (its folders of YAML options)."""
+def check_group_choices(args: Sequence[str], config_dir: Path, groups: Sequence[str] | None = None) -> None:
+    """:func:`check_group_choice` for the config groups ``groups`` of ``config_dir`` (its folders of YAML options;
+    all of them by default)."""
     for folder in sorted(p for p in config_dir.iterdir() if p.is_dir() and p.name != "hydra"):
-        check_group_choice(args, folder.name, sorted(p.stem for p in folder.glob("*.yaml")))
+        if groups is None or folder.name in groups:
+            check_group_choice(args, folder.name, sorted(p.stem for p in folder.glob("*.yaml")))
 
 
 def _option_names(value: Any) -> list[str]:
     """The option names in an override's value: a name, a list of them, or a sweep (its ``list``) of either."""
-    if isinstance(value, str):
-        return [value]
+    if isinstance(value, str | int | float | bool):
+        return [str(value)]
     items = getattr(value, "list", value)
     return [name for item in items for name in _option_names(item)] if isinstance(items, list) else []
 
 
-def check_override_keys(args: Sequence[str], schema: type, config_dir: Path) -> None:
-    """Before Hydra composes: a key of ``args`` (the command line) that the dataclass ``schema`` lacks, even one
-    added with ``+``, ends the command in one line naming the nearest keys (Hydra's own error spans many lines and
-    names none). Hydra's keys (``hydra.*``, ``hydra/...``) and group choices (``model=swin``, ``experiment=...``)
-    pass untouched, and so does a key added with ``+`` to a schema that has ``extra_keys`` (``+model.depth=6``:
-    checked against the model once the config is composed)."""
+HYDRA_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--resolve", "--package", "-p", "--run",
+               "-r", "--multirun", "-m", "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
+               "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+FLAGS_WITH_VALUES = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                     "-cd", "--experimental-rerun", "--info", "-i"}
+
+
+def overrides_of(args: Sequence[str]) -> list[str]:
+    """The overrides of a command line (``key=value``, ``~key``, a bare word), without Hydra's flags and their values;
+    an unknown flag (``--epochs=3``) ends the command in one line (argparse's usage text spans many)."""
+    overrides, skip = [], False
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif arg.startswith("-") and flag not in HYDRA_FLAGS:
+            fail(f"unknown option {arg}; vitrain takes key=value overrides (such as trainer.epochs=3) and Hydra's "
+                 f"options (-m, --cfg job, --help)")
+        elif arg.startswith("-"):
+            skip = flag in FLAGS_WITH_VALUES and "=" not in arg and flag not in ("--info", "-i")
+        else:
+            overrides.append(arg)
+    return overrides
+
+
+def check_override_keys(args: Sequence[str], schema: type, config_dir: Path,
+                        groups: Sequence[str] | None = None) -> None:
+    """Before Hydra composes: an override that cannot be parsed, a sweep without ``-m``, a key that the dataclass
+    ``schema`` lacks (even one added with ``+``), a key added with ``+`` that it has, or a value of the wrong type
+    ends the command in one line naming the key and the nearest keys (Hydra's own errors span many lines and name
+    none). Hydra's keys (``hydra.*``, ``hydra/...``) and the options of ``groups`` (the config groups the command
+    takes; all of ``config_dir``'s by default: ``model=swin``, ``experiment=...``) pass untouched, and so does a key
+    added with ``+`` to a schema that has ``extra_keys`` (``+model.depth=6``: checked against the model once the
+    config is composed)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    try:
-        overrides = OverridesParser.create().parse_overrides(
-            [a for a in args if not a.startswith("-") and ("=" in a or a.startswith("~"))])  # not flags, their values
-    except Exception:  # malformed: Hydra says so itself
-        return
-    groups = sorted(p.name for p in config_dir.iterdir() if p.is_dir() and p.name != "hydra")
-    for override in overrides:
+    parser, given = OverridesParser.create(), overrides_of(args)
+    if groups is None:
+        groups = sorted(p.name for p in config_dir.iterdir() if p.is_dir() and p.name != "hydra")
+    multirun = any(a in ("-m", "--multirun") or a.startswith(("hparams_search=", "hydra.mode=")) for a in args)
+    parsed = []
+    for arg in given:
+        try:
+            parsed += parser.parse_overrides([arg])
+        except Exception as e:
+            fail(f"cannot parse the override '{arg}': {first_line(e).removeprefix('Error parsing override ')}; "
+                 f"write key=value (quote a value with spaces or brackets: key='[a b]')")
+    chosen = {o.key_or_group for o in parsed if o.key_or_group in groups}  # data=cifar10: data.root is then set
+    for arg, override in zip(given, parsed, strict=True):
         key = override.key_or_group
-        if re.split(r"[./]", key)[0] == "hydra" or (config_dir / key).is_dir():
+        if re.split(r"[./]", key)[0] == "hydra" or key in groups:
             continue
+        if override.is_sweep_override() and not multirun:
+            fail(f"{arg} is a sweep (several values); add -m to run one job per value (python -m ... -m {arg})")
         message = _unknown_key(schema, key, override.is_add() or override.is_force_add(), groups)
+        if message is None and override.is_add() and _field_type(schema, key) is not None:
+            message = f"{key} exists already; set it without the +: {arg.lstrip('+')}"
         if message is None and not override.is_delete():
-            message = _bad_value(schema, key, override)
+            message = _bad_value(schema, key, override, chosen)
         if message:
             fail(message)
 
 
-def unknown_key(key: str, known: Sequence[str]) -> str:
+def unknown_key(key: str, known: Sequence[str], rest: str = "") -> str:
     """``unknown key KEY; did you mean ...?``: the names in ``known`` (the keys beside ``key``'s last part) closest
-    to it, or all of them when none is close."""
+    to it (in any case: ``Trainer`` is ``trainer``), or all of them when none is close; ``rest`` is what followed the
+    unknown part on the command line (``.epochs`` of ``Trainer.epochs``)."""
     prefix, _, name = key.rpartition(".")
-    close = difflib.get_close_matches(name, list(known), n=3)
+    close = [k for k in known if k.lower() == name.lower()] or difflib.get_close_matches(name, list(known), n=3)
     full = [f"{prefix}.{k}" if prefix else k for k in (close or known)]
-    return f"unknown key {key}; " + (f"did you mean {', '.join(full)}?" if close else f"choose from {', '.join(full)}")
+    return f"unknown key {key}{rest}; " + (f"did you mean {', '.join(f + rest for f in full)}?" if close
+                                           else f"choose from {', '.join(full)}")
 
 
 def _unknown_key(schema: type, key: str, added: bool, groups: Sequence[str]) -> str | None:
@@ -188,14 +230,15 @@ def _unknown_key(schema: type, key: str, added: bool, groups: Sequence[str]) -> 
             extra = getattr(node, "extra_keys", None)  # what a key beyond the schema's is, where it may have one
             if extra is not None and (added or not difflib.get_close_matches(part, list(fields))):
                 return None if added else f"unknown key {key}; {extra} is added with +: +{key}=..."
-            return unknown_key(key, list(dict.fromkeys([*fields, *groups])) if depth == 0 else list(fields))
+            return unknown_key(".".join(parts[:depth + 1]), list(dict.fromkeys([*fields, *groups])) if depth == 0
+                               else list(fields), "".join(f".{p}" for p in parts[depth + 1:]))
         node = _dataclass_type(typing.get_type_hints(node)[part])
         if node is None:
             return None
     return None
 
 
-def _bad_value(schema: type, key: str, override: Any) -> str | None:
+def _bad_value(schema: type, key: str, override: Any, chosen: set[str] = frozenset()) -> str | None:
     """The one-line error for a value of ``override`` that the schema's field ``key`` cannot hold (``abc`` or ``2.5``
     for an int, ``maybe`` for a bool: Hydra's own error spans many lines), tried as Hydra would, by assigning it
     to the structured config; each value of a ``a,b`` or ``choice(a,b)`` sweep is tried. Other sweeps
@@ -208,9 +251,17 @@ def _bad_value(schema: type, key: str, override: Any) -> str | None:
     if override.is_sweep_override() and not hasattr(value, "list"):
         return None
     cfg = _structured(schema)
+    parts = key.split(".")
+    for depth in range(1, len(parts)):  # a key below a group that is null until chosen (evaluate's data)
+        parent = ".".join(parts[:depth])
+        if parent not in chosen and OmegaConf.select(cfg, parent, default="") is None:
+            return f"{key}: {parent} is not chosen; choose it first ({parent}=<option>, e.g. {parent}=imagefolder)"
     for item in values:
         if isinstance(item, str) and "${" in item:
             continue
+        if _field_type(schema, key) in (bool, bool | None) and isinstance(item, int | float) \
+                and not isinstance(item, bool):
+            return f"{key} must be true or false, got {item}"  # OmegaConf would take 2 for true
         try:
             OmegaConf.update(cfg, key, item, merge=True)
         except ValidationError as e:
@@ -230,6 +281,12 @@ def _value_message(key: str, value: Any, reason: str) -> str:
         return f"{key} must be true or false, got {shown}"
     if "is not Optional" in reason:
         return f"{key} cannot be null; give it a value"
+    if "Dict[" in reason or "DictConfig" in reason:
+        return f"{key} must be a mapping in braces ({key}={{...}}), got {shown}"
+    if "is not a subclass of" in reason:
+        return f"{key} is a group of keys; set one of them ({key}.<name>=...), not {shown}"
+    if "Cannot convert 'list'" in reason:
+        return f"{key} must be one value, not a list, got {shown}"
     if "ListConfig" in reason:
         return f"{key} must be a list in brackets ({key}=[...]), got {shown}"
     return f"{key}={shown}: {reason}"
@@ -245,6 +302,18 @@ def _structured(schema: type) -> Any:
     if schema not in _STRUCTURED:
         _STRUCTURED[schema] = OmegaConf.structured(schema)
     return _STRUCTURED[schema]
+
+
+def _field_type(schema: type, key: str) -> Any:
+    """The type hint of the field ``key`` (dotted) of the dataclass ``schema``, or None."""
+    node: Any = schema
+    hint = None
+    for part in key.split("."):
+        if node is None or part not in {f.name for f in dataclasses.fields(node)}:
+            return None
+        hint = typing.get_type_hints(node)[part]
+        node = _dataclass_type(hint)
+    return hint
 
 
 def _dataclass_type(hint: Any) -> type | None:

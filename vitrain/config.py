@@ -22,24 +22,25 @@ from typing import Any, TypeVar
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict, read_write
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from vitrain.cli import fail, unknown_key
 from vitrain.data.config import DataConfig
-from vitrain.distill import DistillConfig
-from vitrain.distributed import broadcast_object, init_distributed, torchrun_world
-from vitrain.errors import ConfigError, VitrainError
-from vitrain.exporting import FORMATS, WEIGHTS
-from vitrain.loggers import LoggerConfig
-from vitrain.losses import LossConfig
+from vitrain.errors import ConfigError, VitrainError, first_line
 from vitrain.models.config import ModelConfig
-from vitrain.optim import OptimizerConfig, SchedulerConfig
-from vitrain.parallel import refuse_with_fsdp
+from vitrain.paths import check_checkpoint, check_output
 from vitrain.pruning import SweepConfig
-from vitrain.trainer import TrainerConfig
+from vitrain.schema import FORMATS, WEIGHTS, check_rollout
+from vitrain.schema.distill import DistillConfig
+from vitrain.schema.loggers import LoggerConfig
+from vitrain.schema.losses import LossConfig
+from vitrain.schema.optim import OptimizerConfig, SchedulerConfig
+from vitrain.schema.trainer import TrainerConfig, check_device_name, refuse_with_fsdp
+from vitrain.world import torchrun_world
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+MAX_IMG_SIZE = 8192  # evaluate's img_size: beyond it, the position tables alone would not fit in memory
 DEFAULT_WARMUP_EPOCHS = 2.0  # configs/scheduler/cosine.yaml's warmup (the default schedule)
 
 _PACKAGED = Path(__file__).resolve().parent / "configs"  # inside an installed wheel
@@ -67,10 +68,9 @@ class TrainConfig:
         sets them on the group's object before this one is made)."""
         if not 0 <= self.seed <= 2**32 - 1:  # NumPy's seed range (seed_everything seeds NumPy with it)
             raise ConfigError(f"seed must be in [0, 2**32 - 1] (NumPy's range), got {self.seed}")
-        self.model.resolve_img_size()
-        self.model.check_architecture()
         self._check_warmup()
-        self._note_two_heads_without_teacher()
+        world = self.data.batch_size * torchrun_world().size * self.trainer.accum_steps  # images per optimizer step
+        self.scheduler.ratios(self.optimizer.lr * self.optimizer.lr_scale(world))  # warmup_lr, min_lr below the peak
         if self.trainer.cache_features and (self.data.mixes or self.distill.name != "none" or self.model.lora.rank):
             raise ConfigError("trainer.cache_features trains the head on features computed once: it cannot mix images "
                               "(data.mixup, data.cutmix), distil or train LoRA adapters; turn those off, or set "
@@ -80,12 +80,29 @@ class TrainConfig:
                               "set trainer.freeze_backbone=false")
         refuse_with_fsdp(self.trainer.strategy, self.trainer.compile, self.model.lora.rank > 0,
                          self.trainer.unfreeze_after_epochs is not None)
+        # the checks that import torch and timm, once every value that needs neither has passed (docs/speed.md)
+        from vitrain.optim import check_optimizer
+
+        check_optimizer(self.optimizer)
+        self.model.check_name()
+        self.model.resolve_img_size()
+        self.model.check_architecture()
+        self._note_two_heads_without_teacher()
         resume = self.trainer.resume
         if resume and resume != "auto":  # find_resume_checkpoint's check of a path, before any data is read
             from vitrain.checkpoint import find_resume_checkpoint
 
             find_resume_checkpoint(resume, Path("."))
 
+
+    def check_files(self) -> None:
+        """The weights files the run starts from (``model.checkpoint``, ``distill.teacher.checkpoint``) exist and are
+        files torch can load: checked when the run starts, before any data is read (a config that names a file to
+        be written later, a recipe's, is still a valid config)."""
+        for key, path in (("model.checkpoint", self.model.checkpoint),
+                          ("distill.teacher.checkpoint", self.distill.teacher.checkpoint)):
+            if path:
+                check_checkpoint(path, key, folder_ok=True)
 
     def _note_two_heads_without_teacher(self) -> None:
         """A distilled DeiT (vitrain's ``*_distilled_*``: CLS and distillation heads) trained with distill=none: say
@@ -126,6 +143,12 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+        check_device_name(self.device, "device")
+        if not (self.img_size in (None, "test") or type(self.img_size) is int and 0 < self.img_size <= MAX_IMG_SIZE):
+            raise ConfigError(f"img_size must be null (the training size), test, or a positive whole number of pixels "
+                              f"up to {MAX_IMG_SIZE}, got {self.img_size}")
+        check_checkpoint(self.checkpoint)
+        check_output(self.output, "output")
 
 
 @dataclass
@@ -143,6 +166,11 @@ class PredictConfig:
     def __post_init__(self) -> None:
         if self.format not in ("json", "csv"):
             raise ConfigError(f"unknown format '{self.format}'; choose json or csv")
+        if self.topk < 1:
+            raise ConfigError(f"topk must be at least 1, got {self.topk}")
+        check_device_name(self.device, "device")
+        check_checkpoint(self.checkpoint)
+        check_output(self.output, "output")
 
 
 @dataclass
@@ -157,6 +185,14 @@ class VisualizeConfig:
     discard_ratio: float = 0.0  # rollout: share of the smallest attention weights in each row set to 0, in [0, 1)
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     dpi: int = 150  # resolution of the PNG files
+
+    def __post_init__(self) -> None:
+        check_rollout(self.head_fusion, self.discard_ratio)
+        check_device_name(self.device, "device")
+        if self.dpi < 1:
+            raise ConfigError(f"dpi must be positive, got {self.dpi}")
+        check_checkpoint(self.checkpoint)
+        check_output(self.out_dir, "out_dir", folder=True)
 
 
 @dataclass
@@ -179,6 +215,8 @@ class ExportConfig:
             raise ConfigError(f"opset must be >= 14, got {self.opset}")
         if not self.atol > 0:
             raise ConfigError(f"atol must be positive, got {self.atol}")
+        check_checkpoint(self.checkpoint)
+        check_output(self.output, "output", folder=self.format == "timm")
 
 
 def register_schemas() -> None:
@@ -218,8 +256,11 @@ def to_config(cfg: DictConfig | T, schema: type[T] = TrainConfig) -> T:
         cause: BaseException | None = e
         while cause is not None and not isinstance(cause, VitrainError):
             cause = cause.__cause__ or cause.__context__
-        if cause is None:
+        if cause is None and isinstance(e, MissingMandatoryValue):  # a ??? left: the entry point's one line
             raise
+        if cause is None:  # an interpolation that cannot be resolved (${oc.env:NAME} of a variable not set, ...)
+            raise ConfigError(f"{e.full_key or 'the config'}: {first_line(e)}; set it, or give the value itself "
+                              f"({e.full_key or 'key'}=...)") from None
         raise cause from None
     _refuse_unknown_keys(obj)
     return obj
@@ -318,6 +359,8 @@ class TorchrunRunFolder(Callback):
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
         if torchrun_world().size == 1:
             return
+        from vitrain.distributed import broadcast_object, init_distributed
+
         try:
             world, _ = init_distributed(config.trainer.device, config.trainer.dist_backend)
         except VitrainError as e:

@@ -18,13 +18,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from vitrain.cli import check_override_keys, entry_point, run_command
+from vitrain.cli import check_group_choices, check_override_keys, entry_point, run_command
 from vitrain.config import CONFIG_DIR, EvaluateConfig, to_config
-from vitrain.data import build_datasets, cpu_eval_loader
 from vitrain.data.config import DataConfig
 from vitrain.errors import ConfigError
-from vitrain.inference import data_as_trained, data_label, load_trained, refuse_other_data
-from vitrain.metrics import score
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +35,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig | None = None, 
     file holds another data set of the same label, it is refused, not overwritten. ``img_size``: evaluate at another
     size than the training one (``test``: the weights' test size; :func:`~vitrain.inference.load_trained`), which
     the file name and the JSON say (``eval_best_288.json``)."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    from vitrain.figures import confusion_figure, figure_to_array
+    from vitrain.data import build_datasets, cpu_eval_loader  # torch: once the command line has passed its checks
+    from vitrain.figures import write_confusion
+    from vitrain.inference import data_as_trained, data_label, load_trained, refuse_other_data
+    from vitrain.metrics import score
 
     checkpoint = Path(checkpoint)
     trained = load_trained(checkpoint, device, img_size)
@@ -71,13 +69,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig | None = None, 
     if trained.ema is not None:
         result["model_ema"] = score(trained.ema, loader, trained.device)
     output.write_text(json.dumps(result, indent=2))
-    title = f"{trained.spec['name']} on {label}: top-1 {result['model']['top1']:.2f}%"
-    figure = confusion_figure(result["model"]["confusion"], splits.class_names, title)
-    figure.savefig(output.with_suffix(".png"), dpi=120)
-    with SummaryWriter(str(checkpoint.parent.parent / "tb")) as writer:
-        writer.add_image(f"eval/{name}_confusion", figure_to_array(figure), dataformats="HWC")
-        writer.add_scalar(f"eval/{name}_top1", result["model"]["top1"])
+    write_confusion(result, f"{trained.spec['name']} on {label}", output.with_suffix(".png"),
+                    checkpoint.parent.parent / "tb", name)
     return result
+
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
@@ -100,7 +95,8 @@ def hydra_main(cfg: DictConfig) -> float:
 @entry_point
 def main() -> None:
     """``python -m vitrain.evaluate``: a misspelt key is one line naming the nearest keys; then the Hydra app."""
-    check_override_keys(sys.argv[1:], EvaluateConfig, CONFIG_DIR)
+    check_group_choices(sys.argv[1:], CONFIG_DIR, groups=("data",))
+    check_override_keys(sys.argv[1:], EvaluateConfig, CONFIG_DIR, groups=("data",))
     hydra_main()
 
 

@@ -17,7 +17,6 @@ from omegaconf import DictConfig
 
 from vitrain.cli import check_override_keys, entry_point, run_command
 from vitrain.config import CONFIG_DIR, ExportConfig, to_config
-from vitrain.exporting import export_checkpoint
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
@@ -26,6 +25,8 @@ def hydra_main(cfg: DictConfig) -> str:
 
     def run() -> str:
         c = to_config(cfg, ExportConfig)
+        from vitrain.exporting import export_checkpoint  # torch: once the values have passed their checks
+
         result = export_checkpoint(c.checkpoint, c.format, c.output, c.weights, c.opset, c.atol)
         check = "" if result.max_diff is None else f"; logits within {result.max_diff:.1e} of PyTorch's"
         print(f"wrote {result.path} ({result.format}, {result.weights} weights{check})")
@@ -37,7 +38,7 @@ def hydra_main(cfg: DictConfig) -> str:
 @entry_point
 def main() -> None:
     """``python -m vitrain.export``: a misspelt key is refused in one line with the nearest keys, then the Hydra app."""
-    check_override_keys(sys.argv[1:], ExportConfig, CONFIG_DIR)
+    check_override_keys(sys.argv[1:], ExportConfig, CONFIG_DIR, groups=())
     hydra_main()
 
 

@@ -25,9 +25,8 @@ from vitrain import __version__
 from vitrain.errors import ConfigError, VitrainError, first_line, import_extra
 from vitrain.inference import OnnxClassifier, TrainedModel, load_trained
 from vitrain.models import DistilledVisionTransformer, SwinTransformer, VisionTransformer
+from vitrain.schema import FORMATS, WEIGHTS  # noqa: F401
 
-FORMATS = ("onnx", "torch.export", "timm", "safetensors")
-WEIGHTS = ("auto", "ema", "raw")  # auto: the EMA weights when the checkpoint has them
 TRACE_BATCH, CHECK_BATCH = 2, 3  # the check runs another batch size than the trace: the batch axis is dynamic
 
 # timm's model of each vitrain class, for a vitrain name that timm lacks (vit_nano_patch4_16, ...): the
@@ -141,9 +140,15 @@ def export_onnx(model: nn.Module, trained: TrainedModel, path: Path, metadata: d
     onnx = import_extra("onnx", "format=onnx", "export")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation notice; the tracer on the fixed image size
-        torch.onnx.export(model, (example_input(trained, TRACE_BATCH),), str(path), input_names=["image"],
-                          output_names=["logits"], opset_version=opset, dynamo=False,
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+        try:
+            torch.onnx.export(model, (example_input(trained, TRACE_BATCH),), str(path), input_names=["image"],
+                              output_names=["logits"], opset_version=opset, dynamo=False,
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+        except (RuntimeError, ValueError) as e:
+            if "opset" not in str(e).lower():
+                raise
+            raise ConfigError(f"opset={opset}: {first_line(e)}; choose one this torch exports (18, the default, "
+                              f"works)") from e
     proto = onnx.load(str(path), load_external_data=False)  # a model over 2 GB keeps its weights beside
     onnx.helper.set_model_props(proto, metadata)
     onnx.save(proto, str(path))

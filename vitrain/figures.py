@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from vitrain import maps
-from vitrain.errors import ConfigError
+from vitrain.schema import check_rollout
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +180,7 @@ def _attention_figures(model: nn.Module, attentions: list[torch.Tensor], picture
 
 def check_options(head_fusion: str, discard_ratio: float) -> None:
     """A one-line ConfigError for a head fusion or discard ratio that rollout does not take."""
-    if head_fusion not in maps.HEAD_FUSIONS:
-        raise ConfigError(f"head_fusion={head_fusion} is not one of {', '.join(maps.HEAD_FUSIONS)}")
-    if not 0 <= discard_ratio < 1:
-        raise ConfigError(f"discard_ratio={discard_ratio} must be in [0, 1); 0 keeps every attention weight")
+    check_rollout(head_fusion, discard_ratio)
 
 
 def make_figures(model: nn.Module, image: torch.Tensor, mean: Sequence[float], std: Sequence[float],
@@ -290,3 +287,15 @@ def confusion_figure(confusion: list[list[int]], class_names: list[str], title: 
             ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=8,
                     color="white" if share[i, j] > 0.5 else "black")
     return figure
+
+
+def write_confusion(result: dict[str, Any], title: str, png: Path, tb: Path, name: str) -> None:
+    """The confusion matrix of ``result`` as a PNG, and with the top-1 into the run's TensorBoard (``tb``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    figure = confusion_figure(result["model"]["confusion"], result["class_names"],
+                              f"{title}: top-1 {result['model']['top1']:.2f}%")
+    figure.savefig(png, dpi=120)
+    with SummaryWriter(str(tb)) as writer:
+        writer.add_image(f"eval/{name}_confusion", figure_to_array(figure), dataformats="HWC")
+        writer.add_scalar(f"eval/{name}_top1", result["model"]["top1"])

@@ -96,7 +96,10 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "auto",
     models = []
     for key in ("model", "model_ema"):
         if key in state:
-            model = create_model(**spec)
+            try:
+                model = create_model(**spec)
+            except ConfigError as e:  # a size the patches or windows do not divide: this command's key is img_size
+                raise ConfigError(str(e).replace("model.img_size", "img_size")) from None
             if lora is not None:
                 from vitrain.lora import apply_lora
                 from vitrain.models.config import LoraSpec

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEAD_FUSIONS = ("mean", "max", "min")
+from vitrain.schema import HEAD_FUSIONS
 
 
 def attention_weights(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,6 @@ import logging
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -35,6 +34,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from vitrain.errors import ConfigError
 from vitrain.models.heads import classifier_names  # owned by the model layer; importable from here too
 from vitrain.models.heads import in_module as _in_module
+from vitrain.schema.optim import SCHEDULES, OptimizerConfig, SchedulerConfig
 
 log = logging.getLogger(__name__)
 _EMBEDDING = ("patch_embed.", "cls_token", "dist_token", "pos_embed", "absolute_pos_embed")
@@ -125,7 +125,8 @@ def build_optimizer(
     """
     cfg = OptimizerConfig(name=name, lr=lr, backbone_lr=backbone_lr, weight_decay=weight_decay,
                           betas=None if betas is None else list(betas), layer_decay=layer_decay,
-                          momentum=momentum, nesterov=nesterov, eps=eps)  # the range and name checks
+                          momentum=momentum, nesterov=nesterov, eps=eps)  # the ranges
+    check_optimizer(cfg)  # the name, and the arguments it takes
     groups = param_groups(model, lr, backbone_lr, weight_decay, layer_decay=layer_decay)
     given = {"betas": None if cfg.betas is None else tuple(cfg.betas), "eps": eps, "nesterov": nesterov}
     extra = {key: value for key, value in given.items() if value is not None}  # None: the optimizer's default
@@ -210,7 +211,6 @@ def lr_factor(
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-SCHEDULES = ("cosine", "step", "constant")
 
 
 def build_scheduler(
@@ -229,107 +229,6 @@ def build_scheduler(
     fn = partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=min_lr_ratio, kind=name,
                  decay_steps=decay_steps, decay_rate=decay_rate, warmup_start=warmup_start)
     return LambdaLR(optimizer, fn)
-
-
-@dataclass
-class OptimizerConfig:
-    """The ``optimizer`` group: the optimizer and its settings over the backbone/head parameter groups."""
-
-    name: str = "adamw"  # adamw | sgd | lamb | lion | any name of timm.optim.list_optimizers()
-    lr: float = 1e-3  # learning rate of the head (and of the whole model when backbone_lr is null)
-    backbone_lr: float | None = None  # learning rate of everything but the head; null: lr
-    weight_decay: float = 0.05  # AdamW, LAMB, Lion: on the update; SGD: L2 on the gradient; never biases, norms, tokens
-    betas: list[float] | None = None  # Adam/LAMB/Lion moment decay rates (3 for adan); null: the optimizer's own
-    momentum: float = 0.9  # momentum of sgd and the others that take one (lars, rmsprop, ...); ignored by the rest
-    nesterov: bool | None = None  # Nesterov momentum; null: the name decides (timm: sgd yes, momentum no)
-    eps: float | None = None  # the optimizer's epsilon; null: its own default
-    scale_lr: bool = False  # lr and backbone_lr x global batch / lr_base_batch (DeiT); off (and no base): lr as given
-    lr_base_batch: int | None = None  # the batch that lr is given for when scaling (null: 512); setting it scales
-    layer_decay: float | None = None  # layer-wise lr decay (e.g. 0.65): block k below the top gets layer_decay^k
-
-    def __post_init__(self) -> None:
-        _check_name(self.name)
-        for key in ("lr", "backbone_lr", "eps"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"optimizer.{key} must be positive, got {value}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise ConfigError(f"optimizer.layer_decay must be in (0, 1], got {self.layer_decay}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"optimizer.momentum must be in [0, 1), got {self.momentum}")
-        if self.lr_base_batch is not None and self.lr_base_batch <= 0:
-            raise ConfigError(f"optimizer.lr_base_batch must be positive (or null), got {self.lr_base_batch}")
-        self._check_fits_optimizer()
-
-    def _check_fits_optimizer(self) -> None:
-        """betas, eps and nesterov only where the optimizer takes them, and with the right count."""
-        base = _base_name(self.name)
-        info = timm_optim.get_optimizer_info(base)
-        if self.betas is not None:
-            if not info.has_betas:
-                raise ConfigError(f"optimizer.betas is not used by {self.name}; set optimizer.betas=null")
-            if len(self.betas) != info.num_betas or not all(0 <= b < 1 for b in self.betas):
-                raise ConfigError(f"optimizer.betas must be {info.num_betas} values in [0, 1) for {self.name}, "
-                                  f"got {list(self.betas)}")
-        if self.eps is not None and not info.has_eps:
-            raise ConfigError(f"optimizer.eps is not used by {self.name}; set optimizer.eps=null")
-        if self.nesterov is not None and not _takes(base, "nesterov"):
-            raise ConfigError(f"optimizer.nesterov is not used by {self.name}; set optimizer.nesterov=null")
-        nesterov = (info.defaults or {}).get("nesterov") if self.nesterov is None else self.nesterov
-        if nesterov and info.has_momentum and self.momentum == 0:
-            raise ConfigError(f"Nesterov momentum ({self.name}) needs optimizer.momentum > 0, got 0")
-
-    def lr_scale(self, global_batch: int) -> float:
-        """With ``scale_lr`` (or an ``lr_base_batch``), the learning rates scale linearly with the images
-        per optimizer step of all processes together (DeiT: lr x global batch / 512)."""
-        if not (self.scale_lr or self.lr_base_batch):
-            return 1.0
-        return global_batch / (self.lr_base_batch or 512)
-
-
-@dataclass
-class SchedulerConfig:
-    """The ``scheduler`` group: linear warmup, then cosine, step or constant, stepped every optimizer step.
-
-    ``warmup_lr`` and ``min_lr`` are absolute rates of the group at ``optimizer.lr`` (after batch scaling); the
-    other groups (``backbone_lr``, ``layer_decay``) get the same multipliers. ``min_lr`` takes precedence over
-    ``min_lr_ratio``."""
-
-    name: str = "cosine"  # cosine | step | constant
-    warmup_epochs: float = 0.0  # length of the linear warmup, in epochs (fractions allowed)
-    warmup_lr: float | None = None  # absolute rate of the first step (DeiT's --warmup-lr); null: 1/W of the peak
-    min_lr_ratio: float = 0.0  # cosine and step: the floor, as a fraction of each group's base learning rate
-    min_lr: float | None = None  # cosine and step: absolute floor (DeiT's --min-lr); set, it replaces min_lr_ratio
-    decay_epochs: float = 1.0  # step: epochs between decays
-    decay_rate: float = 0.1  # step: factor applied at each decay
-
-    def __post_init__(self) -> None:
-        if self.name not in SCHEDULES:
-            raise ConfigError(f"unknown scheduler '{self.name}' (scheduler.name); choose one of {', '.join(SCHEDULES)}")
-        if self.warmup_epochs < 0:
-            raise ConfigError(f"scheduler.warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"scheduler.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.decay_epochs <= 0 or not 0 < self.decay_rate <= 1:
-            raise ConfigError(f"scheduler.decay_epochs must be positive and scheduler.decay_rate in (0, 1], got "
-                              f"{self.decay_epochs} and {self.decay_rate}")
-        for key in ("min_lr", "warmup_lr"):
-            value = getattr(self, key)
-            if value is not None and value < 0:
-                raise ConfigError(f"scheduler.{key} must be >= 0 (or null), got {value}")
-
-    def ratios(self, peak_lr: float) -> tuple[float, float | None]:
-        """The floor and the warmup start as multipliers of ``peak_lr`` (the optimizer.lr group's rate after
-        batch scaling): ``min_lr`` when set, else ``min_lr_ratio``; ``warmup_lr`` / peak, or None (1/W)."""
-        for key in ("min_lr", "warmup_lr"):
-            value = getattr(self, key)
-            if value is not None and value > peak_lr:
-                raise ConfigError(f"scheduler.{key}={value:g} is above the peak learning rate {peak_lr:g} "
-                                  f"(optimizer.lr after batch scaling); lower it or raise the learning rate")
-        floor = self.min_lr_ratio if self.min_lr is None else self.min_lr / peak_lr
-        return floor, None if self.warmup_lr is None else self.warmup_lr / peak_lr
 
 
 def optimizer_and_schedule(
@@ -354,3 +253,24 @@ def optimizer_and_schedule(
              "epochs, floor %.3g; stepped every optimizer step", peak, optimizer.lr, scale, global_batch,
              scheduler.name, peak * factor(0), scheduler.warmup_epochs, peak * factor(epochs * steps_per_epoch))
     return opt, schedule
+
+
+def check_optimizer(cfg: OptimizerConfig) -> None:
+    """``optimizer.name`` among timm's optimizers, and betas, eps and nesterov only where it takes them, with the
+    right count."""
+    _check_name(cfg.name)
+    base = _base_name(cfg.name)
+    info = timm_optim.get_optimizer_info(base)
+    if cfg.betas is not None:
+        if not info.has_betas:
+            raise ConfigError(f"optimizer.betas is not used by {cfg.name}; set optimizer.betas=null")
+        if len(cfg.betas) != info.num_betas or not all(0 <= b < 1 for b in cfg.betas):
+            raise ConfigError(f"optimizer.betas must be {info.num_betas} values in [0, 1) for {cfg.name}, "
+                              f"got {list(cfg.betas)}")
+    if cfg.eps is not None and not info.has_eps:
+        raise ConfigError(f"optimizer.eps is not used by {cfg.name}; set optimizer.eps=null")
+    if cfg.nesterov is not None and not _takes(base, "nesterov"):
+        raise ConfigError(f"optimizer.nesterov is not used by {cfg.name}; set optimizer.nesterov=null")
+    nesterov = (info.defaults or {}).get("nesterov") if cfg.nesterov is None else cfg.nesterov
+    if nesterov and info.has_momentum and cfg.momentum == 0:
+        raise ConfigError(f"Nesterov momentum ({cfg.name}) needs optimizer.momentum > 0, got 0")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,37 +21,7 @@ from torch import nn
 
 from vitrain import distributed
 from vitrain.errors import ConfigError
-
-STRATEGIES = ("auto", "ddp", "fsdp2")
-
-
-@dataclass
-class FsdpConfig:
-    """``trainer.fsdp``: how FSDP2 shards (``trainer.strategy=fsdp2``)."""
-
-    reshard_after_forward: bool = True  # free each block's gathered parameters after its forward (ZeRO-3);
-    #   false keeps them until the backward (ZeRO-2: more memory, one all-gather less per block)
-    cpu_offload: bool = False  # keep the sharded parameters, gradients and optimizer states in CPU memory
-
-
-def check_strategy(strategy: str, backend: str = "auto", precision: str = "auto",
-                   reads_whole_model: bool = False) -> None:
-    """``trainer.strategy`` and ``trainer.dist_backend``, and what does not go with FSDP2: fp16 (its gradient scaler
-    does not see the shards), and the figures that read the whole model on rank 0 alone (histograms, images)."""
-    if backend not in distributed.BACKENDS:
-        raise ConfigError(f"unknown trainer.dist_backend '{backend}'; choose one of {', '.join(distributed.BACKENDS)}")
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"unknown trainer.strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
-    if uses_fsdp(strategy) and precision == "fp16":
-        raise ConfigError("trainer.strategy=fsdp2 keeps bf16 or fp32 parameters, not fp16; set trainer.precision=bf16")
-    if uses_fsdp(strategy) and reads_whole_model:
-        raise ConfigError("trainer.histograms_every and trainer.log_images read the whole model on rank 0 alone, "
-                          "which trainer.strategy=fsdp2 shards; set them to 0 and false")
-
-
-def uses_fsdp(strategy: str) -> bool:
-    """FSDP2 is on: asked for, in a process group of any size."""
-    return strategy == "fsdp2"
+from vitrain.schema.trainer import STRATEGIES, FsdpConfig, check_strategy, refuse_with_fsdp, uses_fsdp  # noqa: F401
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -190,13 +159,3 @@ def weights_of(model: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[n
         load_full_model_state(model, own, from_rank0=True)
 
 
-def refuse_with_fsdp(strategy: str, compile_step: bool, lora: bool, unfreeze: bool) -> None:
-    """What does not run under FSDP2 yet, refused in one line before any data is read."""
-    if not uses_fsdp(strategy):
-        return
-    for asked, what, fix in ((compile_step, "trainer.compile=true", "trainer.compile=false"),
-                             (lora, "LoRA adapters (model.lora.rank > 0)", "model.lora.rank=0"),
-                             (unfreeze, "trainer.unfreeze_after_epochs", "trainer.unfreeze_after_epochs=null")):
-        if asked:
-            raise ConfigError(f"{what} does not run under trainer.strategy=fsdp2 yet; set {fix}, or "
-                              f"trainer.strategy=ddp")

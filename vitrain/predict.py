@@ -17,14 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from vitrain.cli import check_override_keys, entry_point, run_command
 from vitrain.config import CONFIG_DIR, PredictConfig, to_config
-from vitrain.data.datasets import open_rgb
 from vitrain.errors import DataError
-from vitrain.inference import load_for_inference, run_folder, write_predictions
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -40,21 +37,27 @@ def image_files(inputs: str | Path) -> list[Path]:
     return files
 
 
-@torch.no_grad()
 def predict(checkpoint: str | Path, inputs: str | Path, topk: int = 5, device: str = "auto",
             use_ema: bool = False) -> list[dict[str, Any]]:
     """For every image: the ``topk`` (class name, probability) pairs, most likely first. ``checkpoint``: a
     training checkpoint or an exported ``.onnx`` file (which holds one set of weights: ``use_ema`` is moot)."""
+    from vitrain.inference import load_for_inference
+
     return predict_with(load_for_inference(checkpoint, device), inputs, topk, use_ema)
 
 
 def predict_with(trained: Any, inputs: str | Path, topk: int = 5, use_ema: bool = False) -> list[dict[str, Any]]:
     """:func:`predict` with a loaded model (:func:`vitrain.inference.load_for_inference`)."""
+    import torch
+
+    from vitrain.data.datasets import open_rgb
+
     model, names = trained.pick(use_ema), trained.class_names
     results = []
     for path in image_files(inputs):
         x = trained.transform(open_rgb(path))
-        probs = model(x[None].to(trained.device)).float().softmax(dim=1)[0].cpu()
+        with torch.no_grad():
+            probs = model(x[None].to(trained.device)).float().softmax(dim=1)[0].cpu()
         values, indices = probs.topk(min(topk, len(names)))
         results.append({"image": str(path), "top": [{"class": names[i], "index": int(i), "probability": float(p)}
                                                       for p, i in zip(values, indices, strict=True)]})
@@ -64,6 +67,8 @@ def predict_with(trained: Any, inputs: str | Path, topk: int = 5, use_ema: bool 
 def default_output(checkpoint: str | Path, inputs: str | Path, fmt: str = "json") -> Path:
     """``<run>/predictions/<inputs name>.<checkpoint name>.<fmt>``: beside the checkpoint's run folder, as
     visualize's figures; named after the checkpoint too, so that ``best.pt`` and ``best.onnx`` keep their own."""
+    from vitrain.inference import run_folder
+
     inputs = Path(inputs).resolve()
     name = inputs.stem if inputs.is_file() else inputs.name
     return run_folder(checkpoint) / "predictions" / f"{name}.{Path(checkpoint).name}.{fmt}"
@@ -75,6 +80,8 @@ def hydra_main(cfg: DictConfig) -> None:
 
     def run() -> None:
         c = to_config(cfg, PredictConfig)
+        from vitrain.inference import load_for_inference, write_predictions  # torch: once the values have passed
+
         trained = load_for_inference(c.checkpoint, c.device)
         results = predict_with(trained, c.inputs, c.topk, c.ema)
         output = Path(c.output) if c.output else default_output(c.checkpoint, c.inputs, c.format)
@@ -89,7 +96,7 @@ def hydra_main(cfg: DictConfig) -> None:
 @entry_point
 def main() -> None:
     """``python -m vitrain.predict``: a misspelt key is one line naming the nearest keys; then the Hydra app."""
-    check_override_keys(sys.argv[1:], PredictConfig, CONFIG_DIR)
+    check_override_keys(sys.argv[1:], PredictConfig, CONFIG_DIR, groups=())
     hydra_main()
 
 

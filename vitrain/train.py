@@ -12,20 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vitrain import runfolder
-from vitrain.build import build_trainer
-from vitrain.checkpoint import remove_partial_saves
 from vitrain.cli import check_group_choices, check_override_keys, entry_point, resume_command, run_command
-from vitrain.config import CONFIG_DIR, TrainConfig, ensure_writable, to_config
-from vitrain.data.remote import NetworkError, network_stop
-from vitrain.distributed import World, barrier, close_distributed, init_distributed, torchrun_world
+from vitrain.config import CONFIG_DIR, TrainConfig, to_config
 from vitrain.errors import Preempted
-from vitrain.pruning import measure, objective_values
-from vitrain.runtime import close_workers, command_times, seed_everything
+from vitrain.world import leave_process_group, torchrun_world
 
 log = logging.getLogger(__name__)
 
@@ -34,41 +28,13 @@ def train(cfg: TrainConfig | DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run one training job described by ``cfg`` and write its outputs to ``run_dir``; under torchrun, this
     rank's part of it (rank 0 writes the outputs). Every value is checked before any data is read."""
     cfg, run_dir = to_config(cfg), Path(run_dir)
+    cfg.check_files()
+    from vitrain.build import run_training
+    from vitrain.distributed import init_distributed
+
     world, device = init_distributed(cfg.trainer.device, cfg.trainer.dist_backend)
     with runfolder.locked(run_dir, enabled=world.is_main):  # one run per folder; rank 0 holds the lock
-        return _train(cfg, run_dir, world, device)
-
-
-def _train(cfg: TrainConfig, run_dir: Path, world: World, device: torch.device) -> dict[str, Any]:
-    if world.is_main:
-        ensure_writable(run_dir / "checkpoints", "hydra.run.dir")
-        remove_partial_saves(run_dir / "checkpoints")  # left by a save that was killed mid-write (logged)
-    seed_everything(cfg.seed)
-    trainer, splits = build_trainer(cfg, run_dir, world, device)
-    if world.is_main:
-        runfolder.write_resolved_config(run_dir, trainer.metadata["config"])
-    trainer.resume(cfg.trainer.resume, cfg.data.batch_size * world.size)
-    log.info("training on %s%s for %d epochs; writing to %s", trainer.device,
-             f" x {world.size} processes" if world.size > 1 else "", cfg.trainer.epochs, run_dir)
-    try:
-        metrics = trainer.fit()
-    finally:  # now, not at garbage collection (which waits 5 s for each worker)
-        close_workers(trainer.loaders.train, trainer.loaders.val, trainer.loaders.test)
-    metrics.update(measure(cfg.sweep.objectives, trainer.model, cfg.model.img_size, trainer.device))
-    if cfg.model.lora.rank > 0 and world.is_main:  # the final adapters and head, in peft's format
-        from vitrain.lora import save_adapters
-
-        save_adapters(trainer.model, run_dir / "checkpoints" / "adapter")
-    if cfg.trainer.log_images and world.is_main:
-        from vitrain.figures import log_end_of_training  # matplotlib: imported only when asked for
-
-        pre = trainer.metadata["preprocess"]  # the normalization as resolved (data.mean may be null: auto)
-        log_end_of_training(run_dir / "tb", trainer.model, splits.val, trainer.state.step, pre["mean"], pre["std"],
-                            splits.class_names)
-    log.info("best val top-1 %.2f%%, final val top-1 %.2f%%%s, %.0f train img/s; %s", metrics["best_top1"],
-             metrics["final_top1"], "" if metrics["test_top1"] is None else f", test top-1 {metrics['test_top1']:.2f}%",
-             metrics["train_images_per_sec"], command_times(metrics, getattr(trainer.model, "feature_seconds", 0.0)))
-    return metrics
+        return run_training(cfg, run_dir, world, device)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
@@ -83,10 +49,15 @@ def hydra_main(cfg: DictConfig) -> float | str | list[float]:
             print(f"{e}\nresume with: {resume_command(run_dir)}", file=sys.stderr)
 
     def run() -> float | str | list[float]:
+        from vitrain.data.remote import NetworkError, network_stop
+
         try:
             metrics = train(cfg, run_dir)
         except NetworkError as e:  # the data's server, not the data: what is kept, and how to go on
             raise NetworkError(network_stop(e, Path(run_dir), resume_command(run_dir))) from e
+        from vitrain.distributed import barrier
+        from vitrain.pruning import objective_values
+
         top1 = objective_values(metrics, cfg.sweep.objectives)  # what the sweeper records (or PRUNED)
         barrier()  # every rank done before any leaves the group: gloo aborts a rank whose peer is already gone
         return top1
@@ -94,7 +65,7 @@ def hydra_main(cfg: DictConfig) -> float | str | list[float]:
     try:
         return run_command(run, debug=bool(cfg.trainer.get("debug")), on_preempted=resume_hint)
     finally:
-        close_distributed()
+        leave_process_group()
 
 
 @entry_point

@@ -10,23 +10,25 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from vitrain.cli import check_override_keys, entry_point, run_command
 from vitrain.config import CONFIG_DIR, VisualizeConfig, to_config
-from vitrain.data.datasets import open_rgb
 from vitrain.errors import ConfigError, DataError
-from vitrain.figures import DESCRIPTIONS, check_options, make_figures
-from vitrain.inference import load_trained, run_folder
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 
 def load_image(path: str | Path, transform: torch.nn.Module) -> torch.Tensor:
     """One image file through ``transform``, or a one-line DataError that says what to give instead."""
+    from vitrain.data.datasets import open_rgb
+
     path = Path(path)
     if path.is_dir():
         raise DataError(f"image={path} is a folder; give one image file (python -m vitrain.predict takes folders)")
@@ -41,6 +43,9 @@ def visualize(checkpoint: str | Path, image: str | Path, out_dir: str | Path | N
     """Write ``<out_dir>/<image stem>_<map>.png`` for every map that applies; returns {map: path}.
 
     ``out_dir`` defaults to ``<run>/visualize`` for a checkpoint in ``<run>/checkpoints/``."""
+    from vitrain.figures import check_options, make_figures  # torch and matplotlib: once the values have passed
+    from vitrain.inference import load_trained, run_folder
+
     check_options(head_fusion, discard_ratio)
     checkpoint, image = Path(checkpoint), Path(image)
     trained = load_trained(checkpoint, device)
@@ -69,6 +74,8 @@ def hydra_main(cfg: DictConfig) -> None:
     def run() -> None:
         c = to_config(cfg, VisualizeConfig)
         written = visualize(c.checkpoint, c.image, c.out_dir, c.device, c.ema, c.head_fusion, c.discard_ratio, c.dpi)
+        from vitrain.figures import DESCRIPTIONS
+
         for name, path in written.items():
             print(f"{path}  ({DESCRIPTIONS[name]})")
         skipped = [name for name in DESCRIPTIONS if name not in written]
@@ -81,7 +88,7 @@ def hydra_main(cfg: DictConfig) -> None:
 @entry_point
 def main() -> None:
     """``python -m vitrain.visualize``: a misspelt key is one line naming the nearest keys; then the Hydra app."""
-    check_override_keys(sys.argv[1:], VisualizeConfig, CONFIG_DIR)
+    check_override_keys(sys.argv[1:], VisualizeConfig, CONFIG_DIR, groups=())
     hydra_main()
 
 

@@ -12,9 +12,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vitrain.data.sources import MAX_IMAGE_PIXELS
-from vitrain.data.transforms import CROP_MODES, check_policy
 from vitrain.errors import ConfigError
+
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS, its decompression-bomb guard
+CROP_MODES = ("center", "squash", "border")  # timm's eval crops (transforms_imagenet_eval)
+AUTO_AUGMENT = ("original", "originalr", "v0", "v0r", "3a")  # timm's AutoAugment policies (3a: DeiT III)
+TRIVIAL_AUGMENT = ("trivialaugment", "ta_wide")
+POLICY_FAMILIES = ("rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w3 (AugMix), original, originalr, v0, v0r "
+                   "(AutoAugment), 3a (DeiT III's 3-Augment), trivialaugment (TrivialAugment Wide)")
+
+
+def check_policy(policy: str) -> None:
+    """``data.auto_augment`` names a family timm or torchvision builds, or a one-line ConfigError listing them."""
+    if not (policy.startswith(("rand", "augmix")) or policy in AUTO_AUGMENT or policy in TRIVIAL_AUGMENT):
+        raise ConfigError(f"data.auto_augment='{policy}' is not an augmentation policy; use one of {POLICY_FAMILIES}")
+
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "filelist", "webdataset", "hf")
 DECODERS = ("cpu", "device")
@@ -149,7 +161,7 @@ class DataConfig:
         if not 0 <= self.re_prob <= 1:
             raise ConfigError(f"data.re_prob is a probability: set it in [0, 1] (0 disables), got {self.re_prob}")
         for key in ("color_jitter", "mixup", "cutmix"):
-            if getattr(self, key) < 0:
+            if not getattr(self, key) >= 0:  # NaN too
                 raise ConfigError(f"data.{key} must be >= 0 (0 disables), got {getattr(self, key)}")
         for key in ("mixup_prob", "mixup_switch_prob"):
             if not 0 <= getattr(self, key) <= 1:
@@ -196,7 +208,7 @@ class DataConfig:
                               f"the weights' own) does not evaluate on; set data.crop_mode=center or data.cache=false")
         if self.shuffle_buffer < 0:
             raise ConfigError(f"data.shuffle_buffer must be >= 0 (0: shard order only), got {self.shuffle_buffer}")
-        if self.retry_seconds < 0:
+        if not self.retry_seconds >= 0:
             raise ConfigError(f"data.retry_seconds must be >= 0 (0: no retry), got {self.retry_seconds}")
         if self.epoch_size is not None and self.epoch_size <= 0:
             raise ConfigError(f"data.epoch_size must be positive, or null to count the shards, got {self.epoch_size}")

@@ -24,14 +24,12 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from vitrain.data.config import MAX_IMAGE_PIXELS
 from vitrain.errors import ConfigError, DataError, first_line
 from vitrain.hub import hub_online
 
 log = logging.getLogger(__name__)
 EVAL_SPLITS = ("validation", "valid", "val", "test")
-MAX_IMAGE_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS, its decompression-bomb guard
-
-
 def open_rgb(path: str | Path, fix: str = "remove or replace the file",
              max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
     """An image file as RGB, upright (:func:`upright`) (ImageFolder's loader, and the inputs of predict and

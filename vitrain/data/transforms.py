@@ -18,9 +18,8 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import ResizeKeepRatio, str_to_pil_interp
 from torchvision.transforms import InterpolationMode, v2
 
+from vitrain.data.config import AUTO_AUGMENT, CROP_MODES, POLICY_FAMILIES, TRIVIAL_AUGMENT, check_policy  # noqa: F401
 from vitrain.errors import ConfigError
-
-CROP_MODES = ("center", "squash", "border")  # timm's eval crops (transforms_imagenet_eval)
 
 
 def check_re_prob(re_prob: float) -> None:
@@ -119,18 +118,6 @@ def _train_crop(img_size: int, mode: InterpolationMode, train_crop: str, crop_pa
 
 def _to_normalized(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-
-
-AUTO_AUGMENT = ("original", "originalr", "v0", "v0r", "3a")  # timm's AutoAugment policies (3a: DeiT III)
-TRIVIAL_AUGMENT = ("trivialaugment", "ta_wide")
-POLICY_FAMILIES = ("rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w3 (AugMix), original, originalr, v0, v0r "
-                   "(AutoAugment), 3a (DeiT III's 3-Augment), trivialaugment (TrivialAugment Wide)")
-
-
-def check_policy(policy: str) -> None:
-    """``data.auto_augment`` names a family timm or torchvision builds, or a one-line ConfigError listing them."""
-    if not (policy.startswith(("rand", "augmix")) or policy in AUTO_AUGMENT or policy in TRIVIAL_AUGMENT):
-        raise ConfigError(f"data.auto_augment='{policy}' is not an augmentation policy; use one of {POLICY_FAMILIES}")
 
 
 def augmentation_policy(policy: str, img_size: int, mean: Sequence[float], interpolation: str) -> list[Callable]:

@@ -1,12 +1,20 @@
-"""vitrain's models. Importing this package registers every variant."""
+"""vitrain's models (:func:`create_model`, :func:`list_models`, the model classes), imported on first use: the
+``model`` group's schema (``vitrain/models/config.py``) is read without importing torch. The registry loads every
+variant before it answers (:mod:`vitrain.models.registry`)."""
 
-from vitrain.models import deit, deit3, swin, vit  # noqa: F401  (register the variants)
-from vitrain.models.deit import DistilledVisionTransformer
-from vitrain.models.factory import create_model
-from vitrain.models.heads import classifier_names, init_linear, new_classifier, reset_classifier
-from vitrain.models.registry import list_models, register_model
-from vitrain.models.swin import SwinTransformer
-from vitrain.models.vit import VisionTransformer
+from __future__ import annotations
 
-__all__ = ["DistilledVisionTransformer", "SwinTransformer", "VisionTransformer", "classifier_names", "create_model",
-           "init_linear", "list_models", "new_classifier", "register_model", "reset_classifier"]
+import importlib
+from typing import Any
+
+_HOMES = {"DistilledVisionTransformer": "deit", "SwinTransformer": "swin", "VisionTransformer": "vit",
+          "create_model": "factory", "classifier_names": "heads", "init_linear": "heads", "new_classifier": "heads",
+          "reset_classifier": "heads", "list_models": "registry", "register_model": "registry"}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'vitrain.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"vitrain.models.{_HOMES[name]}"), name)

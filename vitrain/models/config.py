@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-from vitrain.errors import ConfigError
+from vitrain.errors import ConfigError, first_line
 
 SOURCES = ("vitrain", "timm", "torchvision")
 SET_FROM_CONFIG = {"num_classes": "the data set's classes", "img_size": "model.img_size",  # constructor arguments
@@ -36,7 +36,7 @@ class LoraSpec:
     def __post_init__(self) -> None:
         if self.rank < 0:
             raise ConfigError(f"model.lora.rank must be >= 0 (0: no LoRA), got {self.rank}")
-        if self.alpha <= 0:
+        if not self.alpha > 0:
             raise ConfigError(f"model.lora.alpha must be positive, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.lora.dropout is a rate: set it in [0, 1), got {self.dropout}")
@@ -70,7 +70,6 @@ class ModelConfig:
         if self.source not in SOURCES:
             raise ConfigError(f"unknown model source '{self.source}' (model.source); "
                               f"choose one of {', '.join(SOURCES)}")
-        check_model_name(self.source, self.name)
         if self.img_size is not None and self.img_size <= 0:
             raise ConfigError(f"model.img_size must be positive, got {self.img_size}")
         for key in ("drop_path", "drop_rate"):
@@ -78,6 +77,11 @@ class ModelConfig:
                 raise ConfigError(f"model.{key} is a rate: set it in [0, 1), got {getattr(self, key)}")
         if self.window_size is not None and self.window_size <= 0:
             raise ConfigError(f"model.window_size must be positive (or null), got {self.window_size}")
+
+    def check_name(self) -> None:
+        """The model's name among its source's (vitrain's registry, timm's, torchvision's): imports torch, so
+        ``TrainConfig`` runs it after the checks that need none."""
+        check_model_name(self.source, self.name)
 
     def resolve_img_size(self) -> None:
         """``img_size=null``: the size the starting weights were trained at, else the model's own
@@ -111,6 +115,25 @@ class ModelConfig:
         if self.source == "vitrain" and isinstance(patch, int) and patch > 0 and self.img_size % patch:
             raise ConfigError(f"image size {self.img_size}x{self.img_size} is not divisible by the patch size {patch}; "
                               f"set model.img_size to a multiple of it")
+        if self.source == "vitrain":  # built on the meta device (no memory, no weights): Swin's windows, the rest
+            self._build_on_meta()
+
+    def _build_on_meta(self) -> None:
+        """Build the vitrain model without its tensors, so that what only the constructor knows (a Swin stage that
+        is not whole windows) is refused before any data is read."""
+        import torch
+
+        from vitrain.models.registry import build_registered
+
+        try:
+            with torch.device("meta"):
+                build_registered(self.name.partition(".")[0], num_classes=2, img_size=self.img_size,  # no weights tag
+                                 **self.constructor_kwargs())
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+            raise ConfigError(f"model {self.name} cannot be built with img_size={self.img_size} and "
+                              f"{self.constructor_kwargs()}: {first_line(e)}") from e
 
     def _check_extra_key(self, key: str, known: set[str]) -> None:
         """``+model.KEY``: not one that vitrain sets itself, and an argument of the constructor where that is known."""

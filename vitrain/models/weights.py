@@ -20,13 +20,13 @@ from typing import Any
 
 from vitrain import hub
 from vitrain.errors import ConfigError, VitrainError
+from vitrain.paths import HUB_FOLDER_FILES
 
 log = logging.getLogger(__name__)
 
 KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")  # what the weights say about their inputs
 SIZE_KEYS = ("img_size", "test_img_size")  # and at which size they were trained (and, timm's, tested)
 DEFAULT_SIZE = 224  # a model whose config names no input size (timm's and torchvision's default)
-HUB_FOLDER_FILES = ("model.safetensors", "pytorch_model.bin")  # a timm hub folder's weights, timm's preference
 LOCAL_DIR = "local-dir:"  # timm's prefix for a hub folder on disk
 WAYS_ON = ("or set model.checkpoint=PATH (a weights file, or a timm hub folder: local-dir:FOLDER), "
            "or model.pretrained=false to start from random weights")  # the end of every such error: timm's weights
