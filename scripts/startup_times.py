@@ -103,7 +103,9 @@ def main() -> None:
                         f"| {'yes' if row['refusal_imports_torch'] else 'no'} | {row['help_s']:.2f} s |")
         lags = [exit_lag(folder) for _ in range(args.rounds)]
         figures["exit_lag_s"], figures["run_s"] = median(lag for lag, _ in lags), median(t for _, t in lags)
-    cpu = platform.processor() or platform.machine()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else \
+        platform.machine()
     print(f"\n{cpu}, torch {torch.__version__}, Python {platform.python_version()}; median of {args.rounds} processes")
     libs = figures["libraries"]
     print("imports alone: " + ", ".join(f"{m} {s:.2f} s" for m, s in libs.items()))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_batch import run_cases
+from hub_cache import write_hub_cache
 
 from vitrain import hub
 from vitrain.build import checkpoint_metadata, resolve_preprocess
@@ -29,23 +30,6 @@ DEIT = "deit_tiny_patch16_224.fb_in1k"  # ImageNet mean/std, bicubic, crop 0.9
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: the connection is refused at once
 FAST = ["trainer.epochs=1", "scheduler.warmup_epochs=0", "data.train_fraction=0.05", "data.batch_size=64",
         "trainer.progress=false", "model.img_size=32", "logger=[]"]
-
-
-def write_hub_cache(root: Path, name: str) -> Path:
-    """timm's files for ``name`` (config.json, model.safetensors, as timm's save_for_hf writes them; random weights)
-    where huggingface_hub caches repo timm/<name>: models--timm--<name>/snapshots/<commit>, refs/main naming it."""
-    import timm
-    from timm.models import save_for_hf
-
-    model = timm.create_model(name, pretrained=False)
-    repo = model.pretrained_cfg["hf_hub_id"]
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    folder = root / f"models--{repo.replace('/', '--')}"
-    snapshot = folder / "snapshots" / commit
-    save_for_hf(model, str(snapshot), safe_serialization=True)
-    (folder / "refs").mkdir()
-    (folder / "refs" / "main").write_text(commit)
-    return snapshot
 
 
 @pytest.fixture(scope="module")
