@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -48,8 +49,15 @@ def test_a_probe_on_cached_features_is_a_checkpoint_of_the_whole_model(tmp_path:
         return model
 
     monkeypatch.setattr(build, "build_model", keep_initial_weights)
-    first = train(compose(PROBE), tmp_path / "a")
+    with caplog.at_level(logging.INFO, logger="vitrain"):
+        first = train(compose(PROBE), tmp_path / "a")
     monkeypatch.setattr(build, "build_model", build_model)
+    said = [r.getMessage() for r in caplog.records]
+    data_line = next(i for i, m in enumerate(said) if m.startswith("data digits: 434 train / 360 val images; 10 "
+                                                                      "classes with their training images: 0 (43)"))
+    assert data_line < next(i for i, m in enumerate(said) if m.startswith("features of"))  # before the 1st pass
+    assert re.search(r"s in all: start [\d.]+ s, features [\d.]+ s, training [\d.]+ s$", said[-1]), said[-1]
+    caplog.clear()
     assert first["best_top1"] > 20  # random 0.3M-parameter features, a linear head: twice chance
     best = torch.load(tmp_path / "a/checkpoints/best.pt", weights_only=True)
     assert best["model"].keys() == built.keys()  # the whole model's checkpoint, not the probe's
