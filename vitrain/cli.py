@@ -271,24 +271,23 @@ def _bad_value(schema: type, key: str, override: Any, chosen: set[str] = frozens
     return None
 
 
+VALUE_MESSAGES = (  # what OmegaConf's refusal says -> the line vitrain gives
+    (("to Integer",), "{key} must be a whole number, got {shown}"),
+    (("to Float",), "{key} must be a number (such as 0.1 or 1e-3), got {shown}"),
+    (("valid bool",), "{key} must be true or false, got {shown}"),
+    (("is not Optional",), "{key} cannot be null; give it a value"),
+    (("Dict[", "DictConfig"), "{key} must be a mapping in braces ({key}={{...}}), got {shown}"),
+    (("is not a subclass of",), "{key} is a group of keys; set one of them ({key}.<name>=...), not {shown}"),
+    (("Cannot convert 'list'",), "{key} must be one value, not a list, got {shown}"),
+    (("ListConfig",), "{key} must be a list in brackets ({key}=[...]), got {shown}"),
+)
+
+
 def _value_message(key: str, value: Any, reason: str) -> str:
     shown = "null" if value is None else value
-    if "to Integer" in reason:
-        return f"{key} must be a whole number, got {shown}"
-    if "to Float" in reason:
-        return f"{key} must be a number (such as 0.1 or 1e-3), got {shown}"
-    if "valid bool" in reason:
-        return f"{key} must be true or false, got {shown}"
-    if "is not Optional" in reason:
-        return f"{key} cannot be null; give it a value"
-    if "Dict[" in reason or "DictConfig" in reason:
-        return f"{key} must be a mapping in braces ({key}={{...}}), got {shown}"
-    if "is not a subclass of" in reason:
-        return f"{key} is a group of keys; set one of them ({key}.<name>=...), not {shown}"
-    if "Cannot convert 'list'" in reason:
-        return f"{key} must be one value, not a list, got {shown}"
-    if "ListConfig" in reason:
-        return f"{key} must be a list in brackets ({key}=[...]), got {shown}"
+    for markers, line in VALUE_MESSAGES:
+        if any(marker in reason for marker in markers):
+            return line.format(key=key, shown=shown)
     return f"{key}={shown}: {reason}"
 
 
