@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from vitrain.errors import ConfigError, VitrainError, first_line
-from vitrain.paths import zip_problem
+from vitrain.paths import file_kind, zip_problem
 
 log = logging.getLogger(__name__)
 
@@ -243,25 +243,18 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     if not path.is_file() and not is_sharded_checkpoint(path):
         raise ConfigError(f"trainer.resume={resume}: no such file; give a last.pt (or an FSDP2 run's last.dcp), or "
                           f"trainer.resume=auto")
-    if path.is_file() and not _looks_like_torch_file(path):
+    try:
+        kind = file_kind(path) if path.is_file() else "sharded"
+    except OSError:
+        return path  # unreadable: load_checkpoint says why
+    if kind in ("empty", "other"):
         raise ConfigError(f"trainer.resume={resume} is not a PyTorch checkpoint (neither a zip archive nor a pickle: "
                           f"a text or other file); give a run's checkpoints/last.pt")
-    problem = zip_problem(path) if path.is_file() and _looks_like_torch_file(path) == "zip" else None
+    problem = zip_problem(path) if kind == "zip" else None
     if problem:
         raise ConfigError(f"trainer.resume={resume} is corrupt or cut short ({problem}); give another checkpoint, e.g. "
                           f"a numbered checkpoints/step_*.pt (trainer.keep_last), or start afresh")
     return path
-
-
-def _looks_like_torch_file(path: Path) -> str:
-    """``zip`` (torch.save's archive), ``pickle`` (legacy, protocol 2+ starts with 0x80), or empty; read before any
-    data set is."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return "unknown"  # unreadable: load_checkpoint says why
-    return "zip" if head.startswith(b"PK\x03\x04") else "pickle" if head[:1] == b"\x80" else ""
 
 
 def is_sharded_checkpoint(path: Path) -> bool:

@@ -181,6 +181,7 @@ def check_override_keys(args: Sequence[str], schema: type, config_dir: Path,
     added with ``+`` to a schema that has ``extra_keys`` (``+model.depth=6``: checked against the model once the
     config is composed)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
 
     parser, given = OverridesParser.create(), overrides_of(args)
     if groups is None:
@@ -194,6 +195,7 @@ def check_override_keys(args: Sequence[str], schema: type, config_dir: Path,
             fail(f"cannot parse the override '{arg}': {first_line(e).removeprefix('Error parsing override ')}; "
                  f"write key=value (quote a value with spaces or brackets: key='[a b]')")
     chosen = {o.key_or_group for o in parsed if o.key_or_group in groups}  # data=cifar10: data.root is then set
+    structured = OmegaConf.structured(schema)  # values are tried on it as Hydra would (about 20 ms)
     for arg, override in zip(given, parsed, strict=True):
         key = override.key_or_group
         if re.split(r"[./]", key)[0] == "hydra" or key in groups:
@@ -204,7 +206,7 @@ def check_override_keys(args: Sequence[str], schema: type, config_dir: Path,
         if message is None and override.is_add() and _field_type(schema, key) is not None:
             message = f"{key} exists already; set it without the +: {arg.lstrip('+')}"
         if message is None and not override.is_delete():
-            message = _bad_value(schema, key, override, chosen)
+            message = _bad_value(schema, structured, key, override, chosen)
         if message:
             fail(message)
 
@@ -238,11 +240,12 @@ def _unknown_key(schema: type, key: str, added: bool, groups: Sequence[str]) -> 
     return None
 
 
-def _bad_value(schema: type, key: str, override: Any, chosen: set[str] = frozenset()) -> str | None:
+def _bad_value(schema: type, cfg: Any, key: str, override: Any, chosen: set[str]) -> str | None:
     """The one-line error for a value of ``override`` that the schema's field ``key`` cannot hold (``abc`` or ``2.5``
     for an int, ``maybe`` for a bool: Hydra's own error spans many lines), tried as Hydra would, by assigning it
-    to the structured config; each value of a ``a,b`` or ``choice(a,b)`` sweep is tried. Other sweeps
-    (``interval``, ``range``) and interpolations pass."""
+    to ``cfg``, the schema's structured config; each value of a ``a,b`` or ``choice(a,b)`` sweep is tried. Other
+    sweeps (``interval``, ``range``) and interpolations pass. A key below a group that is null until chosen
+    (evaluate's ``data``) needs its group among ``chosen``."""
     from omegaconf import OmegaConf
     from omegaconf.errors import ValidationError
 
@@ -250,17 +253,16 @@ def _bad_value(schema: type, key: str, override: Any, chosen: set[str] = frozens
     values = value.list if override.is_sweep_override() and hasattr(value, "list") else [value]
     if override.is_sweep_override() and not hasattr(value, "list"):
         return None
-    cfg = _structured(schema)
     parts = key.split(".")
     for depth in range(1, len(parts)):  # a key below a group that is null until chosen (evaluate's data)
         parent = ".".join(parts[:depth])
         if parent not in chosen and OmegaConf.select(cfg, parent, default="") is None:
             return f"{key}: {parent} is not chosen; choose it first ({parent}=<option>, e.g. {parent}=imagefolder)"
+    boolean = _field_type(schema, key) in (bool, bool | None)
     for item in values:
         if isinstance(item, str) and "${" in item:
             continue
-        if _field_type(schema, key) in (bool, bool | None) and isinstance(item, int | float) \
-                and not isinstance(item, bool):
+        if boolean and isinstance(item, int | float) and not isinstance(item, bool):
             return f"{key} must be true or false, got {item}"  # OmegaConf would take 2 for true
         try:
             OmegaConf.update(cfg, key, item, merge=True)
@@ -289,18 +291,6 @@ def _value_message(key: str, value: Any, reason: str) -> str:
         if any(marker in reason for marker in markers):
             return line.format(key=key, shown=shown)
     return f"{key}={shown}: {reason}"
-
-
-_STRUCTURED: dict[type, Any] = {}
-
-
-def _structured(schema: type) -> Any:
-    """The structured config of ``schema`` (built once), to try values on as Hydra would."""
-    from omegaconf import OmegaConf
-
-    if schema not in _STRUCTURED:
-        _STRUCTURED[schema] = OmegaConf.structured(schema)
-    return _STRUCTURED[schema]
 
 
 def _field_type(schema: type, key: str) -> Any:

@@ -69,8 +69,8 @@ class TrainConfig:
         if not 0 <= self.seed <= 2**32 - 1:  # NumPy's seed range (seed_everything seeds NumPy with it)
             raise ConfigError(f"seed must be in [0, 2**32 - 1] (NumPy's range), got {self.seed}")
         self._check_warmup()
-        world = self.data.batch_size * torchrun_world().size * self.trainer.accum_steps  # images per optimizer step
-        self.scheduler.ratios(self.optimizer.lr * self.optimizer.lr_scale(world))  # warmup_lr, min_lr below the peak
+        step_images = self.data.batch_size * torchrun_world().size * self.trainer.accum_steps  # all ranks, one step
+        self.scheduler.ratios(self.optimizer.lr * self.optimizer.lr_scale(step_images))  # warmup_lr, min_lr < peak
         if self.trainer.cache_features and (self.data.mixes or self.distill.name != "none" or self.model.lora.rank):
             raise ConfigError("trainer.cache_features trains the head on features computed once: it cannot mix images "
                               "(data.mixup, data.cutmix), distil or train LoRA adapters; turn those off, or set "

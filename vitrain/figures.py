@@ -178,17 +178,12 @@ def _attention_figures(model: nn.Module, attentions: list[torch.Tensor], picture
     }
 
 
-def check_options(head_fusion: str, discard_ratio: float) -> None:
-    """A one-line ConfigError for a head fusion or discard ratio that rollout does not take."""
-    check_rollout(head_fusion, discard_ratio)
-
-
 def make_figures(model: nn.Module, image: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                  class_names: Sequence[str] | None = None, head_fusion: str = "mean",
                  discard_ratio: float = 0.0) -> dict[str, Figure]:
     """Every figure that applies to ``model`` for ``image`` (C, H, W, normalized with ``mean``/``std``),
     keyed ``attention``, ``rollout``, ``position``, ``gradcam``; what does not apply is logged and skipped."""
-    check_options(head_fusion, discard_ratio)
+    check_rollout(head_fusion, discard_ratio)
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     was_training = model.training
     model.eval()

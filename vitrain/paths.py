@@ -10,6 +10,30 @@ from pathlib import Path
 from vitrain.errors import ConfigError, first_line
 
 HUB_FOLDER_FILES = ("model.safetensors", "pytorch_model.bin")  # a timm hub folder's weights, in timm's order
+LOCAL_DIR = "local-dir:"  # timm's prefix for a hub folder on disk
+
+
+def local_path(checkpoint: str | Path) -> Path:
+    """``model.checkpoint`` as a path: timm's ``local-dir:FOLDER`` is the folder."""
+    return Path(str(checkpoint).removeprefix(LOCAL_DIR)).expanduser()
+
+
+def hub_folder_weights(folder: Path, key: str = "model.checkpoint") -> Path:
+    """The weights file of a timm hub folder (``save_for_hf``'s, vitrain's ``format=timm`` export)."""
+    for name in HUB_FOLDER_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise ConfigError(f"{key}={folder} is a folder without {' or '.join(HUB_FOLDER_FILES)}; give a weights file, or "
+                      f"a timm hub folder (config.json and model.safetensors)")
+
+
+def file_kind(path: Path) -> str:
+    """What the first bytes of ``path`` say: ``zip`` (torch.save's archive), ``pickle`` (legacy torch.save, protocol
+    2+ starts with 0x80), ``empty`` or ``other``; OSError when it cannot be read."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return "zip" if head.startswith(b"PK\x03\x04") else "pickle" if head[:1] == b"\x80" else "other" if head \
+        else "empty"
 
 
 def check_checkpoint(path: str | Path, key: str = "checkpoint", folder_ok: bool = False) -> None:
@@ -18,30 +42,27 @@ def check_checkpoint(path: str | Path, key: str = "checkpoint", folder_ok: bool 
     archive cut short. Safetensors and ONNX files are left to their own readers."""
     if path in ("", None):
         raise ConfigError(f"{key} has no value; set it on the command line ({key}=...)")
-    path = Path(str(path).removeprefix("local-dir:")).expanduser()
+    path = local_path(path)
     if path.is_dir():
-        if folder_ok and any((path / name).is_file() for name in HUB_FOLDER_FILES):
-            return
-        if folder_ok:
-            raise ConfigError(f"{key}={path} is a folder without {' or '.join(HUB_FOLDER_FILES)}; give a weights "
-                              f"file, or a timm hub folder (config.json and model.safetensors)")
-        raise ConfigError(f"checkpoint {path} is a folder, not a checkpoint; give a file such as "
-                          f"<run>/checkpoints/best.pt ({key}=...)")
+        if not folder_ok:
+            raise ConfigError(f"checkpoint {path} is a folder, not a checkpoint; give a file such as "
+                              f"<run>/checkpoints/best.pt ({key}=...)")
+        hub_folder_weights(path, key)
+        return
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist; check the path ({key}=...)")
-    if path.suffix in (".safetensors", ".onnx"):
+    if path.suffix in (".safetensors", ".onnx"):  # left to their own readers
         return
     try:
-        with open(path, "rb") as f:
-            head = f.read(4)
+        kind = file_kind(path)
     except OSError as e:
         raise ConfigError(f"cannot read checkpoint {path}: {e.strerror} ({key}=...)") from e
-    if not head:
+    if kind == "pickle":  # torch.load says what is wrong inside
+        return
+    if kind == "empty":
         raise ConfigError(f"cannot load checkpoint {path}: the file is empty (0 bytes), a save or copy that did not "
                           f"finish; give another ({key}=...)")
-    if head[:1] == b"\x80":  # a pickle of protocol 2 or later: torch.load reads it
-        return
-    if not head.startswith(b"PK\x03\x04"):
+    if kind == "other":
         raise ConfigError(f"checkpoint {path} is not a PyTorch checkpoint (neither a zip archive nor a pickle: a text "
                           f"or other file); give a file written by torch.save, such as <run>/checkpoints/best.pt")
     problem = zip_problem(path)

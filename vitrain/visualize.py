@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from vitrain.cli import check_override_keys, entry_point, run_command
 from vitrain.config import CONFIG_DIR, VisualizeConfig, to_config
 from vitrain.errors import ConfigError, DataError
+from vitrain.schema import check_rollout
 
 if TYPE_CHECKING:
     import torch
@@ -43,10 +44,10 @@ def visualize(checkpoint: str | Path, image: str | Path, out_dir: str | Path | N
     """Write ``<out_dir>/<image stem>_<map>.png`` for every map that applies; returns {map: path}.
 
     ``out_dir`` defaults to ``<run>/visualize`` for a checkpoint in ``<run>/checkpoints/``."""
-    from vitrain.figures import check_options, make_figures  # torch and matplotlib: once the values have passed
+    from vitrain.figures import make_figures  # torch and matplotlib: once the values have passed
     from vitrain.inference import load_trained, run_folder
 
-    check_options(head_fusion, discard_ratio)
+    check_rollout(head_fusion, discard_ratio)  # before the checkpoint is read
     checkpoint, image = Path(checkpoint), Path(image)
     trained = load_trained(checkpoint, device)
     if use_ema and trained.ema is None:

@@ -340,9 +340,7 @@ def labels_of(dataset: Dataset) -> np.ndarray | None:
     if isinstance(dataset, Subset):
         base = labels_of(dataset.dataset)
         return None if base is None else base[np.asarray(dataset.indices, dtype=np.int64)]
-    if isinstance(dataset, ArrayDataset):
-        return dataset.labels.numpy()
-    targets = getattr(dataset, "targets", None)
-    if isinstance(targets, list | np.ndarray | torch.Tensor) and len(targets) == len(dataset):
-        return np.asarray(targets, dtype=np.int64)
+    labels = dataset.labels if isinstance(dataset, ArrayDataset) else getattr(dataset, "targets", None)
+    if isinstance(labels, list | np.ndarray | torch.Tensor) and len(labels) == len(dataset):
+        return np.asarray(labels, dtype=np.int64)
     return None

@@ -19,7 +19,7 @@ from timm.data import Mixup
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from vitrain.data.config import DATASETS, DataConfig
-from vitrain.data.datasets import DataSplits, keep_classes, load_cifar, load_digits, load_imagefolder
+from vitrain.data.datasets import DataSplits, keep_classes, labels_of, load_cifar, load_digits, load_imagefolder
 from vitrain.data.gpu import gpu_eval_loader, gpu_loaders, resolve_pipeline
 from vitrain.data.samplers import EpochSampler, ShardedEpochSampler, ShardSampler, build_samplers, eval_sampler
 from vitrain.data.shard_index import Index
@@ -63,7 +63,7 @@ def build_datasets(cfg: DataConfig, img_size: int) -> DataSplits:
     test = None
     if cfg.val_fraction > 0:  # the eval split becomes the test set; validation comes out of the training images
         test, base = val, train
-        held = _stratified_indices(_labels(base), cfg.val_fraction, cfg.split_seed)
+        held = _stratified_indices(torch.from_numpy(labels_of(base)), cfg.val_fraction, cfg.split_seed)
         rest = sorted(set(range(len(base))) - set(held))
         val, train = Subset(copy.copy(base), held), Subset(base, rest)  # a copy: its own (eval) transform
         val.dataset.transform = evaluate
@@ -72,7 +72,7 @@ def build_datasets(cfg: DataConfig, img_size: int) -> DataSplits:
     else:
         val.transform = evaluate
     if cfg.train_fraction < 1:
-        kept = _stratified_indices(_labels(train), cfg.train_fraction, cfg.split_seed)
+        kept = _stratified_indices(torch.from_numpy(labels_of(train)), cfg.train_fraction, cfg.split_seed)
         train = Subset(train.dataset, [train.indices[i] for i in kept]) if isinstance(train, Subset) \
             else Subset(train, kept)
     train_set = train.dataset if isinstance(train, Subset) else train
@@ -123,13 +123,6 @@ def _shard_splits(cfg: DataConfig, img_size: int) -> DataSplits:
                         f"{val.classes[:5]}...); give both the same classes.txt")
     train.transform, val.transform = _transforms(cfg, img_size)
     return DataSplits(train, val, list(train.classes))
-
-
-def _labels(dataset: Dataset) -> torch.Tensor:
-    """The labels of an in-memory set or an image folder, or of the images a Subset keeps of one."""
-    if isinstance(dataset, Subset):
-        return _labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
-    return torch.as_tensor(dataset.labels if hasattr(dataset, "labels") else dataset.targets)
 
 
 def _stratified_indices(labels: torch.Tensor, fraction: float, seed: int) -> list[int]:

@@ -25,7 +25,8 @@ from torch import nn
 from vitrain.checkpoint import load_checkpoint
 from vitrain.errors import ConfigError, VitrainError, first_line, first_sentence
 from vitrain.models.heads import classifier_names, in_module
-from vitrain.models.weights import ensure_timm_weights, hub_folder_weights, local_path
+from vitrain.models.weights import ensure_timm_weights
+from vitrain.paths import hub_folder_weights, local_path
 
 log = logging.getLogger(__name__)
 

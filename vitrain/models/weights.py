@@ -20,14 +20,13 @@ from typing import Any
 
 from vitrain import hub
 from vitrain.errors import ConfigError, VitrainError
-from vitrain.paths import HUB_FOLDER_FILES
+from vitrain.paths import HUB_FOLDER_FILES, local_path
 
 log = logging.getLogger(__name__)
 
 KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")  # what the weights say about their inputs
 SIZE_KEYS = ("img_size", "test_img_size")  # and at which size they were trained (and, timm's, tested)
 DEFAULT_SIZE = 224  # a model whose config names no input size (timm's and torchvision's default)
-LOCAL_DIR = "local-dir:"  # timm's prefix for a hub folder on disk
 WAYS_ON = ("or set model.checkpoint=PATH (a weights file, or a timm hub folder: local-dir:FOLDER), "
            "or model.pretrained=false to start from random weights")  # the end of every such error: timm's weights
 WAYS_ON_TORCHVISION = "or set model.checkpoint=PATH to a local weights file, or model.pretrained=false to start " \
@@ -211,20 +210,6 @@ def _read_saved_preprocess(path: str, mtime_ns: int, size: int) -> dict[str, Any
     except Exception:
         return {}
     return upgrade(state).get("preprocess", {}) if isinstance(state, dict) and "vitrain_version" in state else {}
-
-
-def local_path(checkpoint: str | Path) -> Path:
-    """``model.checkpoint`` as a path: timm's ``local-dir:FOLDER`` is the folder."""
-    return Path(str(checkpoint).removeprefix(LOCAL_DIR)).expanduser()
-
-
-def hub_folder_weights(folder: Path) -> Path:
-    """The weights file of a timm hub folder (``save_for_hf``'s, vitrain's ``format=timm`` export)."""
-    for name in HUB_FOLDER_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    raise VitrainError(f"model.checkpoint={folder} is a folder without {' or '.join(HUB_FOLDER_FILES)}; give a "
-                       f"weights file, or a timm hub folder (config.json and model.safetensors)")
 
 
 def ensure_pretrained(source: str, name: str) -> None:
